@@ -1,0 +1,166 @@
+"""Typed configs: defaults live in dataclasses, presets in ``configs/*.toml``.
+
+A preset file has one table per stage (``[train]`` for now); any key may be
+overridden on the command line. Unknown keys are an error, so a typo never passes
+silently. ``auto`` picks ``full`` when CUDA is present and ``quick`` otherwise.
+
+Example: ``python -c "from papm_core.config import load_preset; print(load_preset('quick'))"``
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .util import PapmError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class TrainConfig:
+    """The base-model recipe: SGD+Nesterov, one-cycle LR, label smoothing, weight decay."""
+
+    data: str | None = None          # path or None for $PAPM_DATA / CIFAR-10 download
+    width: float = 1.0               # channel multiplier of ResNet18 (1.0 = 11.17M params)
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1                  # peak learning rate of the one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4       # applied to conv/linear weights, not BN or biases
+    label_smoothing: float = 0.1
+    warmup: float = 0.2              # fraction of steps spent ramping the LR up (linear)
+    val_size: int = 5000             # images carved from train for model selection
+    per_class: int = 0               # >0 keeps only that many train images per class
+    classes: list[int] = field(default_factory=list)  # non-empty: train on these classes only
+    seed: int = 0
+    device: str = "auto"
+    out: str = "checkpoints/base.pt"
+
+    def validate(self) -> "TrainConfig":
+        checks = [(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+                  (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+                  (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+                  (self.width > 0, f"--width must be positive, got {self.width}"),
+                  (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}"),
+                  (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
+                  (0 <= self.warmup < 1, "--warmup must lie in [0, 1)"),
+                  (self.per_class >= 0, "--per-class must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise PapmError(msg)
+        return self
+
+
+SCOPES = ("shard", "shard+public", "all")
+
+
+@dataclass
+class PruneConfig:
+    """PAPM pruning of the base model for one device's classes, then fine-tuning."""
+
+    data: str | None = None
+    classes: list[int] = field(default_factory=list)  # the device's global class ids
+    params_reduction: float = 0.77   # target 1 - P/P0; met within [r, r + 0.005]
+    target_size_mb: float | None = None  # alternative target: saved file <= this (MB = 2**20 B)
+    alpha: float = 0.5               # weight of the normalised L2 term (1 - alpha: 1 - APoZ)
+    criterion: str = "papm"          # papm | random (a baseline for benchmarks)
+    search: str = "auto"             # auto (exact budget) | channel-rank (original rule) | threshold
+    threshold: float | None = None   # fixed APoZ threshold for search = threshold
+    min_channels: int = 8
+    round_to: int = 1
+    calib_size: int = 1024           # training images of the device's classes for APoZ
+    scope: str = "shard+public"      # fine-tuning data: shard | shard+public | all
+    recipe: str = "papm"             # papm | original (only with scope = all)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup: float = 0.2
+    label_smoothing: float = 0.0
+    kd_temperature: float = 4.0      # softens base-model targets for distillation
+    ref_size: int = 5000             # public reference set carved from train (server-held)
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "checkpoints"
+
+    def validate(self) -> "PruneConfig":
+        checks = [(0 < self.params_reduction < 1, f"--params-reduction must lie in (0, 1), "
+                                                  f"got {self.params_reduction}"),
+                  (0 <= self.alpha <= 1, f"--alpha must lie in [0, 1], got {self.alpha}"),
+                  (self.scope in SCOPES, f"--scope must be one of {', '.join(SCOPES)}"),
+                  (self.recipe in ("papm", "original"), "--recipe must be papm or original"),
+                  (self.recipe == "papm" or self.scope == "all",
+                   "--recipe original reads other devices' classes: use it with --scope all"),
+                  (self.search in ("auto", "channel-rank", "threshold"),
+                   "--search must be auto, channel-rank or threshold"),
+                  (self.search != "threshold" or self.threshold is not None,
+                   "--search threshold needs --threshold T"),
+                  (self.criterion in ("papm", "random"), "--criterion must be papm or random"),
+                  (self.epochs >= 0, "--epochs must be >= 0"),
+                  (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+                  (self.min_channels >= 1 and self.round_to >= 1, "--min-channels and --round-to must be >= 1"),
+                  (self.calib_size >= 1, "--calib-size must be >= 1"),
+                  (self.target_size_mb is None or self.target_size_mb > 0, "--target-size-mb must be positive"),
+                  (len(self.classes) == len(set(self.classes)), f"duplicate class ids in {self.classes}"),
+                  (bool(self.classes), "--classes is required: the device's class ids")]
+        for ok, msg in checks:
+            if not ok:
+                raise PapmError(msg)
+        return self
+
+
+STAGES = {"train": TrainConfig, "prune": PruneConfig}
+
+
+def resolve_preset_name(name: str) -> str:
+    if name == "auto":
+        return "full" if torch.cuda.is_available() else "quick"
+    return name
+
+
+def preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix == ".toml":
+        if not p.is_file():
+            raise PapmError(f"preset file {p} does not exist")
+        return p
+    p = PRESET_DIR / f"{resolve_preset_name(name)}.toml"
+    if not p.is_file():
+        known = sorted(f.stem for f in PRESET_DIR.glob("*.toml"))
+        raise PapmError(f"unknown preset '{name}'; choose auto, {', '.join(known)} or a .toml file")
+    return p
+
+
+def make_config(cls, values: dict[str, Any], where: str):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise PapmError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    return cls(**values)
+
+
+def load_preset(name: str, stage: str = "train", **overrides: Any):
+    """The stage's config from a preset, with non-None ``overrides`` applied on top."""
+    path = preset_path(name)
+    try:
+        tables = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PapmError(f"preset {path} is not valid TOML: {e}") from e
+    unknown = sorted(set(tables) - set(STAGES))
+    if unknown:
+        raise PapmError(f"unknown table(s) {unknown} in {path}; valid: {sorted(STAGES)}")
+    values = dict(tables.get(stage, {}))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = make_config(STAGES[stage], values, f"[{stage}] of {path}")
+    return cfg.validate()
+
+
+def to_dict(cfg) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

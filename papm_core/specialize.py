@@ -1,0 +1,163 @@
+"""One device's model: score, search, slim, fine-tune, report: ``prune(base, data, cfg)``.
+
+``device_data`` builds, from the base model's recorded split, exactly what one device
+may read: its private class shard (train minus validation minus the public reference
+set), a calibration set of its own classes, the public reference set and validation.
+The Flower client calls ``prune`` with its local data; ``papm prune`` runs it centrally.
+
+Example: ``papm prune --base checkpoints/base.pt --classes 3 5 --params-reduction 0.77 --epochs 20``
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint
+from .config import PruneConfig, to_dict
+from .data import Dataset, Split, carve, subsample, train_val_split
+from .evaluate import accuracy
+from .finetune import finetune
+from .models import count_params, spec_params
+from .prune import (apoz, channel_rank_keep, keep_by_threshold, papm_scores, search_keep, slim,
+                    units, weight_norms)
+from .util import PapmError, write_json
+
+
+@dataclass
+class DeviceData:
+    shard: Split       # the device's private images of its own classes (global labels)
+    calib: Split       # <= calib_size images of the shard, for APoZ
+    val: Split         # validation split of all classes (selection only)
+    ref: Split         # the server's public reference set (all classes)
+    pool: Split        # all private images of every class (scope 'all' only)
+
+
+@dataclass
+class PruneResult:
+    model: nn.Module
+    keep: dict[str, list[int]]
+    report: dict
+    path: Path | None = None
+
+
+def device_data(ds: Dataset, base_meta: dict, cfg: PruneConfig, device) -> DeviceData:
+    bcfg = base_meta.get("config", {})
+    if bcfg.get("classes"):
+        raise PapmError("the base model was trained on a class subset; prune a base of all classes")
+    bad = [c for c in cfg.classes if not 0 <= c < len(ds.classes)]
+    if bad:
+        raise PapmError(f"unknown class ids {bad}; valid ids are 0..{len(ds.classes) - 1}")
+    pool, val = carve(ds.train, int(bcfg.get("val_size", 5000)), int(bcfg.get("seed", 0)),
+                      int(bcfg.get("per_class", 0)))
+    private, ref = train_val_split(pool, cfg.ref_size, cfg.seed + 1)
+    shard = private.shard(cfg.classes)
+    per_class = -(-cfg.calib_size // len(cfg.classes))
+    calib = subsample(shard, per_class, cfg.seed)
+    calib = calib.take(torch.arange(min(cfg.calib_size, len(calib))))
+    to = lambda s: s.to(device)  # noqa: E731
+    return DeviceData(to(shard), to(calib), to(val), to(Split("ref", ref.x, ref.y, ref.classes)),
+                      to(private) if cfg.scope == "all" else private)
+
+
+def choose_keep(base: nn.Module, calib: Split, cfg: PruneConfig) -> tuple[dict, dict]:
+    """Scores and the kept channels per unit for the configured search mode."""
+    t0 = time.perf_counter()
+    a = apoz(base, calib)
+    norms = weight_norms(base)
+    if cfg.criterion == "random":
+        rng = np.random.default_rng(cfg.seed)
+        scores = {k: rng.random(len(v)) for k, v in a.items()}
+    else:
+        scores = papm_scores(a, norms, cfg.alpha)
+    t1 = time.perf_counter()
+    if cfg.search == "threshold":
+        keep, thr = keep_by_threshold(a, cfg.threshold, cfg.min_channels), cfg.threshold
+    elif cfg.search == "channel-rank":
+        keep, thr = channel_rank_keep(a, cfg.params_reduction, cfg.min_channels)
+    elif cfg.target_size_mb is not None:
+        keep, thr = _fit_size(base, scores, cfg)
+    else:
+        keep, thr = search_keep(base, scores, cfg.params_reduction, cfg.min_channels, cfg.round_to)
+    info = {"threshold": float(thr), "apoz": {k: _stats(v) for k, v in a.items()},
+            "score_seconds": t1 - t0, "search_seconds": time.perf_counter() - t1}
+    return keep, info
+
+
+def _stats(v: np.ndarray) -> dict:
+    return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
+
+
+def _file_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save({k: t.cpu() for k, t in model.state_dict().items()}, buf)
+    return buf.tell()
+
+
+def _fit_size(base, scores, cfg: PruneConfig) -> tuple[dict, float]:
+    """Smallest reduction (0.5-point steps) whose slimmed file fits ``target_size_mb``,
+    starting from the proportional estimate 1 - budget / base file size."""
+    budget = cfg.target_size_mb * checkpoint.MB - 64 * 1024  # bytes; 64 KB for metadata
+    r = max(0.005, 1 - budget / max(1.0, _file_bytes(base)))
+    while r < 1.0:
+        keep, thr = search_keep(base, scores, r, cfg.min_channels, cfg.round_to)
+        if _file_bytes(slim(base, keep)) <= budget:
+            return keep, thr
+        r += 0.005
+    raise PapmError(f"no pruning fits {cfg.target_size_mb} MB under --min-channels {cfg.min_channels}")
+
+
+def prune(base: nn.Module, data: DeviceData, cfg: PruneConfig, on_epoch=None) -> PruneResult:
+    """Score, search, slim and fine-tune one device model; report its figures (no saving)."""
+    cfg.validate()
+    t0 = time.perf_counter()
+    keep, info = choose_keep(base, data.calib, cfg)
+    t1 = time.perf_counter()
+    model = slim(base, keep)
+    info["slim_seconds"] = time.perf_counter() - t1
+    info["prune_seconds"] = time.perf_counter() - t0
+    p0, p = spec_params(base.spec), count_params(model)
+    ft = finetune(model, base, data.shard, data.val, cfg, ref=data.ref, pool=data.pool,
+                  on_epoch=on_epoch) if cfg.epochs else None
+    model = ft.model if ft else model
+    layers = [{"unit": u.name, "kept": len(keep[u.name]), "total": u.width} for u in units(base)]
+    report = {"classes": list(cfg.classes), "params": p, "base_params": p0,
+              "reduction": 1 - p / p0, "target_reduction": cfg.params_reduction,
+              "param_mb": checkpoint.param_mb(model), "layers": layers, **info,
+              "finetune": {"best_val": ft.best_val, "best_epoch": ft.best_epoch,
+                           "history": ft.history} if ft else None,
+              "finetune_seconds": time.perf_counter() - t1 - info["slim_seconds"]}
+    return PruneResult(model, keep, report)
+
+
+def test_figures(model: nn.Module, test: Split, classes: list[int]) -> dict:
+    """Reported test accuracy (never used for selection): overall, own classes, per class."""
+    dev = next(model.parameters()).device
+    whole = accuracy(model, test.to(dev))
+    own = accuracy(model, test.shard(classes).to(dev))
+    return {"test_acc": whole.overall, "test_own_acc": own.overall, "test_per_class": whole.per_class}
+
+
+def output_name(classes: list[int], reduction: float) -> str:
+    """The original project's naming: pruned_class3-5_th77."""
+    return f"pruned_class{'-'.join(str(c) for c in classes)}_th{round(100 * reduction)}"
+
+
+def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_dir: str) -> Path:
+    name = output_name(cfg.classes, cfg.params_reduction if cfg.target_size_mb is None
+                       else res.report["reduction"])
+    path = Path(out_dir) / f"{name}.pt"
+    meta = dict(class_names=class_names, metrics=res.report, config=to_dict(cfg),
+                extra={"served_classes": list(cfg.classes)})
+    checkpoint.save(path, res.model, kind="pruned", **meta)
+    res.report["file_mb"] = checkpoint.file_mb(path)
+    write_json(path.with_suffix(".json"), {"checkpoint": str(path), **res.report,
+                                           "config": to_dict(cfg)})
+    res.path = path
+    return path

@@ -1,0 +1,75 @@
+"""Shared fixtures: the shared CIFAR-10 archive, small generated image trees, a private cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_ARCHIVE = Path(os.environ.get("PAPM_TEST_ARCHIVE",
+                                     ROOT.parent / "shared" / "data" / "cifar10-jpeg75.tar.xz"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Every test session decodes into its own cache, so no test depends on an old one."""
+    d = tmp_path_factory.mktemp("papm-cache")
+    os.environ["PAPM_CACHE"] = str(d)
+    os.environ.pop("PAPM_DATA", None)
+    return d
+
+
+@pytest.fixture(scope="session")
+def shared_archive() -> Path:
+    assert SHARED_ARCHIVE.is_file(), (f"the shared CIFAR-10 archive is missing at {SHARED_ARCHIVE}; "
+                                      "set PAPM_TEST_ARCHIVE")
+    return SHARED_ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def cifar(shared_archive):
+    from papm_core.data import load_dataset
+    return load_dataset(str(shared_archive))
+
+
+def write_tree(root: Path, classes=("cat", "dog", "emu"), per_split=(6, 3), modes=None) -> Path:
+    """A tiny {train,test}/{class}/ tree of generated images in assorted modes and sizes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    modes = modes or ["RGB", "L", "P", "RGBA"]
+    k = 0
+    for split, n in zip(("train", "test"), per_split):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                size = 32 if i % 3 else 48  # some images need resizing
+                arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                arr[..., ci % 3] = 200 + ci  # a class-dependent channel
+                im = Image.fromarray(arr).convert(modes[k % len(modes)])
+                ext = "png" if i % 2 else "jpg"
+                if ext == "jpg" and im.mode in ("P", "RGBA"):
+                    ext = "png"
+                im.save(d / f"{i:04d}.{ext}")
+                k += 1
+    return root
+
+
+def make_tar(src: Path, dest: Path, mode: str) -> Path:
+    with tarfile.open(dest, mode) as tar:
+        tar.add(src, arcname="mydata")
+    return dest
+
+
+def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run ``python -m papm_core.cli ARGS`` in a fresh process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "papm_core.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
