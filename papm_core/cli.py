@@ -9,6 +9,8 @@ Examples::
     papm eval checkpoints/base.pt --data ../shared/data/cifar10-jpeg75.tar.xz
     papm group --base checkpoints/base.pt --devices 2-10
     papm prune --base checkpoints/base.pt --classes 3 5 --params-reduction 0.77 --epochs 20
+    papm fuse --groups result/groups.json --devices 2 --threshold 77
+    papm eval --split checkpoints/fusion_n2_th77.pt --base checkpoints/base.pt
 """
 
 from __future__ import annotations
@@ -51,7 +53,12 @@ def _add_train(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="test accuracy, size, latency and throughput of a checkpoint")
-    p.add_argument("ckpt", help="a papm checkpoint (.pt)")
+    p.add_argument("ckpt", nargs="?", help="a papm checkpoint (.pt) of a base or device model")
+    p.add_argument("--split", metavar="HEAD", help="evaluate the fused system of this fusion head "
+                                                   "in split mode (devices + head)")
+    p.add_argument("--base", help="with --split: the base model, measured in the same run")
+    p.add_argument("--ckpts", nargs="+", help="with --split: device checkpoints (default: as recorded)")
+    p.add_argument("--csv", help="with --split: append one CSV row here")
     p.add_argument("--data", help="data source (default $PAPM_DATA, else torchvision's download)")
     p.add_argument("--device", default="auto")
     p.add_argument("--runs", type=int, default=200, help="timed batch-1 runs (at least 200)")
@@ -135,7 +142,11 @@ def cmd_prune(args) -> int:
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(
         f"  fine-tune epoch {h['epoch']:3d}  loss {h['loss']:.3f}  val(own) {h['val_acc']:.2f}%"))
     res.report.update(test_figures(res.model, ds.test, cfg.classes))
-    path = save_result(res, cfg, ds.classes, cfg.out_dir)
+    from .util import file_sha256
+    from .specialize import base_split
+    path = save_result(res, cfg, ds.classes, cfg.out_dir, {
+        "path": str(args.base), "sha256": file_sha256(args.base), "split": base_split(meta),
+        "ref_size": cfg.ref_size})
     r = res.report
     table = Table(title="kept / total channels per unit")
     for col in ("unit", "kept", "total", "kept %", "mean APoZ"):
@@ -185,6 +196,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    if args.split:
+        return cmd_eval_split(args)
+    if not args.ckpt:
+        raise PapmError("give a checkpoint to evaluate, or --split HEAD for a fused system")
     from rich.console import Console
     from rich.table import Table
 
@@ -230,6 +245,94 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="train the fusion head on device embeddings of the public set",
+                       description="Frozen device extractors, a head trained on their embeddings of "
+                                   "the public reference set, early stopping on validation.")
+    p.add_argument("--ckpts", nargs="+", help="device checkpoints, in device order")
+    p.add_argument("--groups", help="groups.json from 'papm group' (instead of --ckpts)")
+    p.add_argument("--devices", type=int, help="with --groups: the device count N")
+    p.add_argument("--threshold", type=int, default=77, help="with --groups: the th of the names")
+    p.add_argument("--ckpt-dir", default="checkpoints")
+    p.add_argument("--data")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--patience", type=int, default=20)
+    p.add_argument("--device-dropout", type=float, default=0.2, help="chance to mask each device")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="default checkpoints/fusion_n<N>_th<T>.pt")
+    p.set_defaults(func=cmd_fuse)
+
+
+def cmd_fuse(args) -> int:
+    from .grouping import read_groups
+    from .system import resolve_ckpts, run_fuse
+
+    if args.ckpts:
+        paths = [Path(p) for p in args.ckpts]
+    elif args.groups and args.devices:
+        groups = read_groups(args.groups)
+        if args.devices not in groups:
+            raise PapmError(f"{args.groups} has no grouping for {args.devices} devices "
+                            f"(has {sorted(groups)})")
+        paths = resolve_ckpts(groups[args.devices], args.ckpt_dir, args.threshold)
+    else:
+        raise PapmError("give --ckpts, or --groups with --devices")
+    if args.epochs < 1 or args.batch_size < 2 or args.patience < 1 or not 0 <= args.device_dropout < 1:
+        raise PapmError("--epochs and --patience must be >= 1, --batch-size >= 2, "
+                        "--device-dropout in [0, 1)")
+    out = args.out or str(Path(args.ckpt_dir) / f"fusion_n{len(paths)}_th{args.threshold}.pt")
+    res = run_fuse(paths, out, args.data, epochs=args.epochs, batch_size=args.batch_size,
+                   lr=args.lr, patience=args.patience, device_dropout=args.device_dropout,
+                   seed=args.seed)
+    print(f"fusion head over {len(paths)} devices: best val {res['val_acc']:.2f}% at epoch "
+          f"{res['best_epoch']} ({res['epochs_run']} run); saved {res['path']}")
+    return 0
+
+
+def cmd_eval_split(args) -> int:
+    import csv
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .system import split_eval
+    from .util import atomic_write, write_json
+
+    r = split_eval(args.split, args.base, args.data, args.ckpts, args.runs)
+    t = Table(title=f"split mode: {r['devices']} devices + fusion head (batch-1, {r['threads']} threads)")
+    for col in ("model", "classes", "params", "MB", "latency ms", "test acc %"):
+        t.add_column(col, justify="left" if col in ("model", "classes") else "right")
+    if "base" in r:
+        b = r["base"]
+        t.add_row("base", "all", f"{b['params']:,}", f"{b['mb']:.2f}", f"{b['latency_ms']:.2f}",
+                  f"{b['test_acc']:.2f}")
+    for i, g in enumerate(r["groups"]):
+        t.add_row(f"device {i}", str(g), f"{r['device_params'][i]:,}", f"{r['device_mb'][i]:.2f}",
+                  f"{r['device_latency_ms'][i]:.2f}", "")
+    t.add_row("fusion head", "", "", f"{r['head_mb']:.2f}", f"{r['head_latency_ms']:.2f}", "")
+    t.add_row("[bold]fused system[/]", "all", "", "", f"{r['end_to_end_ms']:.2f}", f"[bold]{r['test_acc']:.2f}[/]")
+    Console().print(t)
+    if r["missing_one_worst"] is not None:
+        print(f"one device missing: worst {r['missing_one_worst']:.2f}%, mean {r['missing_one_mean']:.2f}%")
+    if args.json:
+        write_json(args.json, r)
+    if args.csv:
+        keys = ["devices", "test_acc", "missing_one_worst", "missing_one_mean", "end_to_end_ms",
+                "head_latency_ms", "head_mb"]
+        old = Path(args.csv).read_text() if Path(args.csv).is_file() else ""
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        if not old:
+            w.writerow(keys + ["max_device_latency_ms", "max_device_mb", "base_test_acc"])
+        w.writerow([r[k] for k in keys] + [max(r["device_latency_ms"]), max(r["device_mb"]),
+                                           r.get("base", {}).get("test_acc")])
+        atomic_write(args.csv, lambda p: p.write_text(old + buf.getvalue()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="papm", description="PAPM: class-specialist compression of a CNN.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -237,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_group(sub)
     _add_prune(sub)
+    _add_fuse(sub)
     return p
 
 

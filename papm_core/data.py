@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .util import PapmError, atomic_write
+from .util import PapmError, atomic_write, file_sha256
 
 IMAGE_SIZE = 32  # pixels; CIFAR geometry, the model's input size
 CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
@@ -102,23 +102,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PAPM_CACHE") or Path.home() / ".cache" / "papm")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _content_key(path: Path) -> str:
     """sha256 over the bytes of the archive, or over every (relpath, bytes) of a folder."""
     h = hashlib.sha256(f"papm-data-v{CACHE_VERSION}-{IMAGE_SIZE}".encode())
     if path.is_file():
-        h.update(_sha256_file(path).encode())
+        h.update(file_sha256(path).encode())
     else:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(str(f.relative_to(path)).encode())
-            h.update(_sha256_file(f).encode())
+            h.update(file_sha256(f).encode())
     return h.hexdigest()
 
 

@@ -23,7 +23,6 @@ Example: ``papm group --base checkpoints/base.pt --devices 2-10 --data ../shared
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from . import checkpoint
 from .data import Split, load_dataset, train_val_split
 from .loader import batches
 from .plots import dendrogram, heatmap
-from .util import PapmError, atomic_write, provenance, resolve_device, write_json
+from .util import PapmError, atomic_write, file_sha256, provenance, resolve_device, write_json
 
 METHODS = ("correlation", "covariance", "mean-logit-cosine")
 
@@ -228,7 +227,7 @@ def run_grouping(base_path: str, devices: list[int], data: str | None, method: s
     for n, g in groups.items():
         w.writerow([n, str(g), str([[ds.classes[c] for c in grp] for grp in g])])
     atomic_write(out / "deploy_inf.csv", lambda p: p.write_text(buf.getvalue()))
-    result = {"base": str(base_path), "base_sha256": _sha(base_path), "method": method,
+    result = {"base": str(base_path), "base_sha256": file_sha256(base_path), "method": method,
               "split": "val", "val_images": len(val), "classes": ds.classes,
               "max_group_size": max_group_size, "similarity": sim.tolist(),
               "groups": {str(n): g for n, g in groups.items()}, "provenance": provenance()}
@@ -236,11 +235,6 @@ def run_grouping(base_path: str, devices: list[int], data: str | None, method: s
     heatmap(sim, ds.classes, out / "similarity.png", f"class similarity ({method}, validation split)")
     dendrogram(sim, ds.classes, out / "dendrogram.png", f"average linkage on 1 - {method}")
     return result
-
-
-def _sha(path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()
 
 
 def read_groups(path) -> dict[int, list[list[int]]]:

@@ -9,6 +9,7 @@ Example: ``python -c "from papm_core.loader import augment; import torch; print(
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterator
 
 import torch
@@ -21,6 +22,9 @@ from .data import Split
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 PAD = 4  # pixels of zero padding for the random crop
+# Images served per split name in this process: lets tests prove that training and
+# selection never read the test split.
+READS: Counter = Counter()
 
 
 def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -68,6 +72,7 @@ def batches(split: Split, batch_size: int, *, train: bool, gen: torch.Generator 
     else:
         order = torch.arange(n, device=split.y.device)
     stop = n - n % batch_size if (drop_last and n >= batch_size) else n
+    READS[split.name] += stop
     for i in range(0, stop, batch_size):
         idx = order[i:i + batch_size]
         x = split.x[idx]

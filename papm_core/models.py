@@ -109,6 +109,9 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     arch = spec.get("arch") if isinstance(spec, dict) else None
     if arch == "resnet18":
         return ResNet18(spec)
+    if arch == "fusion-mlp":
+        from .fusion import FusionHead  # late import: fusion depends on the data layer
+        return FusionHead(spec)
     raise PapmError(f"unknown architecture {arch!r} in model spec")
 
 

@@ -47,6 +47,21 @@ class PruneResult:
     path: Path | None = None
 
 
+def base_split(base_meta: dict) -> dict:
+    """The base model's data split settings, which every later stage reuses."""
+    bcfg = base_meta.get("config", {})
+    return {"val_size": int(bcfg.get("val_size", 5000)), "seed": int(bcfg.get("seed", 0)),
+            "per_class": int(bcfg.get("per_class", 0))}
+
+
+def reference_splits(ds: Dataset, split: dict, ref_size: int) -> tuple[Split, Split, Split]:
+    """(private pool, public reference set, validation) from the base model's split."""
+    pool, val = carve(ds.train, split["val_size"], split["seed"], split["per_class"])
+    # the public reference set is the server's: fixed by the base split, not a device seed
+    private, ref = train_val_split(pool, ref_size, split["seed"] + 1)
+    return private, Split("ref", ref.x, ref.y, ref.classes), val
+
+
 def device_data(ds: Dataset, base_meta: dict, cfg: PruneConfig, device) -> DeviceData:
     bcfg = base_meta.get("config", {})
     if bcfg.get("classes"):
@@ -54,15 +69,13 @@ def device_data(ds: Dataset, base_meta: dict, cfg: PruneConfig, device) -> Devic
     bad = [c for c in cfg.classes if not 0 <= c < len(ds.classes)]
     if bad:
         raise PapmError(f"unknown class ids {bad}; valid ids are 0..{len(ds.classes) - 1}")
-    pool, val = carve(ds.train, int(bcfg.get("val_size", 5000)), int(bcfg.get("seed", 0)),
-                      int(bcfg.get("per_class", 0)))
-    private, ref = train_val_split(pool, cfg.ref_size, cfg.seed + 1)
+    private, ref, val = reference_splits(ds, base_split(base_meta), cfg.ref_size)
     shard = private.shard(cfg.classes)
     per_class = -(-cfg.calib_size // len(cfg.classes))
     calib = subsample(shard, per_class, cfg.seed)
     calib = calib.take(torch.arange(min(cfg.calib_size, len(calib))))
     to = lambda s: s.to(device)  # noqa: E731
-    return DeviceData(to(shard), to(calib), to(val), to(Split("ref", ref.x, ref.y, ref.classes)),
+    return DeviceData(to(shard), to(calib), to(val), to(ref),
                       to(private) if cfg.scope == "all" else private)
 
 
@@ -149,12 +162,15 @@ def output_name(classes: list[int], reduction: float) -> str:
     return f"pruned_class{'-'.join(str(c) for c in classes)}_th{round(100 * reduction)}"
 
 
-def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_dir: str) -> Path:
+def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_dir: str,
+                base_info: dict | None = None) -> Path:
+    """Write the device checkpoint and its JSON report; ``base_info`` records the base
+    model's hash and data split, so fusion rebuilds the same reference/validation sets."""
     name = output_name(cfg.classes, cfg.params_reduction if cfg.target_size_mb is None
                        else res.report["reduction"])
     path = Path(out_dir) / f"{name}.pt"
     meta = dict(class_names=class_names, metrics=res.report, config=to_dict(cfg),
-                extra={"served_classes": list(cfg.classes)})
+                extra={"served_classes": list(cfg.classes), "base": base_info or {}})
     checkpoint.save(path, res.model, kind="pruned", **meta)
     res.report["file_mb"] = checkpoint.file_mb(path)
     write_json(path.with_suffix(".json"), {"checkpoint": str(path), **res.report,

@@ -8,6 +8,7 @@ Example: ``python -c "from papm_core.util import provenance; print(provenance())
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -43,6 +44,14 @@ def atomic_write(path: str | Path, writer: Callable[[Path], None]) -> Path:
         if tmp_path.exists():
             tmp_path.unlink()
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

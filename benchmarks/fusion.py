@@ -1,0 +1,92 @@
+"""Fused accuracy by device count, centrally: prune every group once, fuse per N, evaluate.
+
+For each N in ``--devices``, takes the groups from ``papm group``'s groups.json, prunes
+(and fine-tunes) each distinct group once per recipe (reusing an existing checkpoint of
+the same name), trains the fusion head and evaluates it in split mode with the base
+model in the same run. Recipes: ``default`` (PAPM, scope shard+public) and ``original``
+(scope all, the original's sampling and class weights; the original fusion settings).
+
+Example: ``python benchmarks/fusion.py --base runs/q/base.pt --groups runs/g/groups.json --devices 2 5 10 --epochs 3``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from papm_core import checkpoint
+from papm_core.config import PruneConfig
+from papm_core.data import load_dataset
+from papm_core.grouping import read_groups
+from papm_core.specialize import (base_split, device_data, output_name, prune, save_result,
+                                  test_figures)
+from papm_core.system import run_fuse, split_eval
+from papm_core.util import file_sha256, provenance
+
+RECIPES = {"default": dict(scope="shard+public"), "original": dict(scope="all", recipe="original")}
+
+
+def ensure_device(group, recipe, args, base, meta, ds, out_dir: Path) -> Path:
+    path = out_dir / f"{output_name(group, args.r)}.pt"
+    if path.is_file():
+        return path
+    cfg = PruneConfig(classes=group, params_reduction=args.r, epochs=args.epochs, lr=args.lr,
+                      batch_size=args.batch_size, seed=args.seed, **RECIPES[recipe]).validate()
+    res = prune(base, device_data(ds, meta, cfg, "cpu"), cfg)
+    res.report.update(test_figures(res.model, ds.test, group))
+    save_result(res, cfg, ds.classes, str(out_dir), {
+        "path": args.base, "sha256": file_sha256(args.base), "split": base_split(meta),
+        "ref_size": cfg.ref_size})
+    print(f"  pruned {group} ({recipe}): own {res.report['test_own_acc']:.2f}%, "
+          f"all {res.report['test_acc']:.2f}%", flush=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--groups", required=True)
+    ap.add_argument("--data")
+    ap.add_argument("--devices", type=int, nargs="+", default=[2, 5, 10])
+    ap.add_argument("--recipes", nargs="+", default=["default", "original"])
+    ap.add_argument("--r", type=float, default=0.77)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/bench-fusion")
+    args = ap.parse_args()
+    base, meta = checkpoint.load(args.base)
+    ds = load_dataset(args.data)
+    groups = read_groups(args.groups)
+    rows = []
+    for recipe in args.recipes:
+        out_dir = Path(args.out) / f"{recipe}-seed{args.seed}"
+        for n in args.devices:
+            paths = [ensure_device(g, recipe, args, base, meta, ds, out_dir) for g in groups[n]]
+            head = out_dir / f"fusion_n{n}.pt"
+            fuse_kw = dict(epochs=200, patience=20, lr=5e-4, batch_size=128)
+            if recipe == "original":
+                fuse_kw["device_dropout"] = 0.0  # the original had no device dropout
+            run_fuse(paths, head, args.data, seed=args.seed, **fuse_kw)
+            r = split_eval(head, args.base, args.data)
+            row = {"recipe": recipe, "devices": n, "seed": args.seed, "base_acc": r["base"]["test_acc"],
+                   "fused_acc": r["test_acc"], "missing_one_worst": r["missing_one_worst"],
+                   "max_device_latency_ms": max(r["device_latency_ms"]),
+                   "base_latency_ms": r["base"]["latency_ms"], "end_to_end_ms": r["end_to_end_ms"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| recipe | N | base % | fused % | worst, one missing % | max device ms | base ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['recipe']} | {r['devices']} | {r['base_acc']:.2f} | {r['fused_acc']:.2f} | "
+              f"{r['missing_one_worst'] if r['missing_one_worst'] is None else round(r['missing_one_worst'], 2)} | "
+              f"{r['max_device_latency_ms']:.2f} | {r['base_latency_ms']:.2f} |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"fusion-seed{args.seed}.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows, "provenance": provenance()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

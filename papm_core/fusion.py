@@ -1,0 +1,178 @@
+"""Fusion head over frozen device embeddings, with device dropout: ``fuse(...) -> FuseResult``.
+
+Devices upload only embeddings (``embed``: ``forward_features`` of their pruned model) of
+the server's public reference set; the server trains the head on them, stops early on
+validation embeddings and reports on test embeddings.
+
+The head (``FusionHead``) normalises each device's embedding with its own BatchNorm,
+multiplies it by that device's presence mask (0 = missing), rescales the present
+blocks by N / n_present (as inverted dropout does) and appends the mask itself, then
+applies an MLP (Linear-BN-ReLU-Dropout-Linear). Training masks whole devices at random
+(``device_dropout``); inference masks a missing device exactly the same way, so
+training and inference follow one code path and no features are made up.
+
+Example: ``papm fuse --ckpts checkpoints/pruned_class0-1-8-9_th77.pt checkpoints/pruned_class2-3-4-5-6-7_th77.pt``
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import Split, cache_dir
+from .loader import batches
+from .util import PapmError, atomic_write, file_sha256
+
+
+class FusionHead(nn.Module):
+    """MLP over masked, per-device-normalised embeddings; its spec is plain JSON."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        try:
+            self.dims = [int(d) for d in spec["dims"]]
+            hidden, k, p = int(spec["hidden"]), int(spec["num_classes"]), float(spec["dropout"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise PapmError(f"invalid fusion-head spec {spec}: {e}") from e
+        self.spec = dict(spec)
+        self.norms = nn.ModuleList(nn.BatchNorm1d(d) for d in self.dims)
+        n = len(self.dims)
+        self.mlp = nn.Sequential(nn.Linear(sum(self.dims) + n, hidden), nn.BatchNorm1d(hidden),
+                                 nn.ReLU(inplace=True), nn.Dropout(p), nn.Linear(hidden, k))
+
+    def combine(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[n, sum(dims)] embeddings + [n, N] presence mask -> the MLP's input."""
+        parts, start = [], 0
+        scale = len(self.dims) / mask.sum(1, keepdim=True).clamp(min=1)
+        for i, (d, bn) in enumerate(zip(self.dims, self.norms)):
+            parts.append(bn(feats[:, start:start + d]) * (mask[:, i:i + 1] * scale))
+            start += d
+        return torch.cat(parts + [mask], 1)
+
+    def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            mask = torch.ones(feats.shape[0], len(self.dims), device=feats.device)
+        return self.mlp(self.combine(feats, mask))
+
+
+def build_head(dims: list[int], num_classes: int, hidden: int = 512, dropout: float = 0.3) -> FusionHead:
+    return FusionHead({"arch": "fusion-mlp", "dims": list(dims), "num_classes": num_classes,
+                       "hidden": hidden, "dropout": dropout})
+
+
+@torch.no_grad()
+def embed(model: nn.Module, images: Split, batch_size: int = 500) -> np.ndarray:
+    """Frozen embeddings (float32 [n, d]) of ``images`` through ``forward_features``."""
+    model.eval()
+    dev = next(model.parameters()).device
+    out = [model.forward_features(x).float().cpu() for x, _ in
+           batches(images.to(dev), batch_size, train=False)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.num_features), np.float32)
+
+
+@torch.no_grad()
+def fused_logits(head: FusionHead, models: list[nn.Module], x: torch.Tensor,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The live path: normalised images through every device extractor, then the head."""
+    head.eval()
+    feats = torch.cat([m.eval().forward_features(x).float() for m in models], 1)
+    return head(feats, mask)
+
+
+def images_key(split: Split) -> str:
+    """Content hash of a split's images and labels (what an embedding depends on)."""
+    h = hashlib.sha256(split.x.cpu().numpy().tobytes())
+    h.update(split.y.cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def cached_embed(ckpt_path: str | Path, model: nn.Module, images: Split,
+                 root: Path | None = None) -> np.ndarray:
+    """``embed`` cached on disk by (device checkpoint sha256, images hash)."""
+    key = f"{file_sha256(ckpt_path)[:32]}-{images_key(images)}"
+    path = (root or cache_dir() / "embeddings") / f"{key}.npy"
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):
+            pass  # damaged cache entry: recompute
+    emb = embed(model, images)
+    atomic_write(path, lambda p: np.save(open(p, "wb"), emb))
+    return emb
+
+
+def random_mask(n: int, n_dev: int, p: float, gen: torch.Generator) -> torch.Tensor:
+    """Drop each device with probability p per sample, keeping at least one present."""
+    mask = (torch.rand(n, n_dev, generator=gen) >= p).float()
+    empty = mask.sum(1) == 0
+    if empty.any():
+        keep = torch.randint(0, n_dev, (int(empty.sum()),), generator=gen)
+        mask[empty.nonzero().flatten(), keep] = 1.0
+    return mask
+
+
+@dataclass
+class FuseResult:
+    head: FusionHead
+    best_val: float
+    best_epoch: int
+    epochs_run: int
+    history: list[dict]
+
+
+@torch.no_grad()
+def head_accuracy(head: FusionHead, feats: torch.Tensor, y: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> float:
+    head.eval()
+    pred = torch.cat([head(feats[i:i + 2048], None if mask is None else mask[i:i + 2048]).argmax(1)
+                      for i in range(0, len(feats), 2048)])
+    return 100.0 * (pred == y).float().mean().item()
+
+
+def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray,
+               dims: list[int], num_classes: int, *, epochs: int = 200, batch_size: int = 128,
+               lr: float = 5e-4, patience: int = 20, device_dropout: float = 0.2, seed: int = 0,
+               hidden: int = 512, dropout: float = 0.3, on_epoch=None) -> FuseResult:
+    """Adam on the reference embeddings; early stopping on validation accuracy."""
+    if sum(dims) != train_f.shape[1] or sum(dims) != val_f.shape[1]:
+        raise PapmError(f"embedding widths {train_f.shape[1]}/{val_f.shape[1]} do not match "
+                        f"the devices' dims {dims}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    head = build_head(dims, num_classes, hidden, dropout)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    xf, yf = torch.as_tensor(train_f), torch.as_tensor(train_y)
+    vf, vy = torch.as_tensor(val_f), torch.as_tensor(val_y)
+    best = {"val": -1.0, "epoch": 0, "state": None}
+    history, bad = [], 0
+    for epoch in range(1, epochs + 1):
+        head.train()
+        order = torch.randperm(len(xf), generator=gen)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            if len(idx) < 2:
+                continue  # BatchNorm needs two samples
+            mask = random_mask(len(idx), len(dims), device_dropout, gen)
+            loss = F.cross_entropy(head(xf[idx], mask), yf[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        val = head_accuracy(head, vf, vy)
+        history.append({"epoch": epoch, "val_acc": val})
+        if on_epoch:
+            on_epoch(history[-1])
+        if val > best["val"]:
+            best, bad = {"val": val, "epoch": epoch, "state": copy.deepcopy(head.state_dict())}, 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    head.load_state_dict(best["state"])
+    return FuseResult(head.eval(), best["val"], best["epoch"], len(history), history)

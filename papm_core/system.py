@@ -1,0 +1,151 @@
+"""The fused system: train the head on device embeddings, and evaluate it in split mode.
+
+``run_fuse`` loads the device checkpoints, rebuilds the base split they were pruned
+from (recorded in each device checkpoint), embeds the public reference set (training),
+the validation split (early stopping) and nothing else, trains the head and saves it.
+``split_eval`` reports test accuracy overall, per class and with each single device
+missing, per-device batch-1 latency measured on each model alone, head latency,
+end-to-end latency (slowest device + head) and sizes, with the base model in the same run.
+
+Examples::
+
+    papm fuse --groups result/groups.json --devices 2 --ckpt-dir checkpoints --threshold 77
+    papm eval --split checkpoints/fusion_n2_th77.pt --base checkpoints/base.pt
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .data import load_dataset
+from .evaluate import accuracy, latency_ms
+from .fusion import cached_embed, head_accuracy, train_head
+from .specialize import output_name, reference_splits
+from .util import PapmError, file_sha256
+
+
+def resolve_ckpts(groups: list[list[int]], ckpt_dir: str, threshold: int) -> list[Path]:
+    """Device checkpoints for a grouping, by the original naming; one line if any is missing."""
+    paths = [Path(ckpt_dir) / f"{output_name(g, threshold / 100)}.pt" for g in groups]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise PapmError(f"missing device checkpoints {missing}; run 'papm prune' for those groups")
+    return paths
+
+
+def load_devices(paths: list[Path]):
+    models, metas = zip(*(checkpoint.load(p) for p in paths)) if paths else ((), ())
+    bases = {m.get("base", {}).get("sha256") for m in metas}
+    splits = {str(m.get("base", {}).get("split")) for m in metas}
+    if len(bases) != 1 or len(splits) != 1 or None in bases:
+        raise PapmError("the device checkpoints come from different (or unrecorded) base models; "
+                        "prune them all from one base")
+    return list(models), list(metas)
+
+
+def system_data(metas: list[dict], data: str | None):
+    info = metas[0]["base"]
+    ds = load_dataset(data)
+    if metas[0]["class_names"] != ds.classes:
+        raise PapmError(f"device classes {metas[0]['class_names']} differ from the data's {ds.classes}")
+    _, ref, val = reference_splits(ds, info["split"], int(info.get("ref_size", 5000)))
+    return ds, ref, val
+
+
+def features(paths, models, split) -> np.ndarray:
+    return np.concatenate([cached_embed(p, m, split) for p, m in zip(paths, models)], axis=1)
+
+
+def run_fuse(paths: list[Path], out: str | Path, data: str | None = None, *, epochs: int = 200,
+             batch_size: int = 128, lr: float = 5e-4, patience: int = 20,
+             device_dropout: float = 0.2, seed: int = 0, on_epoch=None) -> dict:
+    """Train and save the fusion head for these device checkpoints; returns its summary."""
+    models, metas = load_devices(paths)
+    ds, ref, val = system_data(metas, data)
+    dims = [m.num_features for m in models]
+    res = train_head(features(paths, models, ref), ref.y.numpy(), features(paths, models, val),
+                     val.y.numpy(), dims, len(ds.classes), epochs=epochs, batch_size=batch_size,
+                     lr=lr, patience=patience, device_dropout=device_dropout, seed=seed,
+                     on_epoch=on_epoch)
+    devices = [{"path": str(p), "sha256": file_sha256(p), "dim": d, "classes": m["served_classes"]}
+               for p, d, m in zip(paths, dims, metas)]
+    metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
+    cfg = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
+           "device_dropout": device_dropout, "seed": seed, "reference_images": len(ref)}
+    checkpoint.save(out, res.head, kind="fusion", class_names=ds.classes, metrics=metrics,
+                    config=cfg, extra={"devices": devices, "base": metas[0]["base"]})
+    return {"path": str(out), **metrics, "devices": devices}
+
+
+def load_system(head_path: str | Path, device_paths: list[str] | None = None):
+    """The head plus its device models; fails clearly if the devices do not match."""
+    head, meta = checkpoint.load(head_path)
+    if meta.get("kind") != "fusion":
+        raise PapmError(f"{head_path} is a {meta.get('kind')} checkpoint, not a fusion head")
+    expected = meta["devices"]
+    paths = [Path(p) for p in (device_paths or [d["path"] for d in expected])]
+    if len(paths) != len(expected):
+        raise PapmError(f"the head expects {len(expected)} device models, got {len(paths)}")
+    for p, d in zip(paths, expected):
+        if not p.is_file() or file_sha256(p) != d["sha256"]:
+            raise PapmError(f"device model {p} does not match the one the head was trained with "
+                            f"({d['path']}, sha256 {d['sha256'][:12]}); re-run 'papm fuse'")
+    models, metas = load_devices(paths)
+    return head, meta, paths, models, metas
+
+
+def split_eval(head_path: str | Path, base_path: str | Path | None = None, data: str | None = None,
+               device_paths: list[str] | None = None, runs: int = 200) -> dict:
+    """Split-mode figures of the fused system, with the base model in the same run."""
+    head, meta, paths, models, metas = load_system(head_path, device_paths)
+    ds, _, _ = system_data(metas, data)
+    feats = torch.as_tensor(features(paths, models, ds.test))
+    y = ds.test.y
+    n = len(paths)
+    full = head_accuracy(head, feats, y)
+    missing = []
+    for i in range(n):
+        mask = torch.ones(len(y), n)
+        mask[:, i] = 0.0
+        missing.append(head_accuracy(head, feats, y, mask))
+    with torch.no_grad():
+        pred = head(feats).argmax(1)
+    per_class = {c: 100.0 * (pred[y == k] == k).float().mean().item() for k, c in enumerate(ds.classes)}
+    dev_lat = [latency_ms(m, runs)["median_ms"] for m in models]
+    head_lat = _head_latency(head, feats[:1], runs)
+    res = {"devices": n, "test_acc": full, "test_per_class": per_class,
+           "missing_one_worst": min(missing) if n > 1 else None,
+           "missing_one_mean": float(np.mean(missing)) if n > 1 else None,
+           "missing_one": missing, "device_latency_ms": dev_lat, "head_latency_ms": head_lat,
+           "end_to_end_ms": max(dev_lat) + head_lat,
+           "device_mb": [checkpoint.file_mb(p) for p in paths], "head_mb": checkpoint.file_mb(head_path),
+           "device_params": [sum(p.numel() for p in m.parameters()) for m in models],
+           "groups": [m["served_classes"] for m in metas], "threads": torch.get_num_threads()}
+    if base_path:
+        base, _ = checkpoint.load(base_path)
+        acc = accuracy(base, ds.test)
+        res["base"] = {"test_acc": acc.overall, "test_per_class": acc.per_class,
+                       "latency_ms": latency_ms(base, runs)["median_ms"],
+                       "mb": checkpoint.file_mb(base_path),
+                       "params": sum(p.numel() for p in base.parameters())}
+    return res
+
+
+@torch.no_grad()
+def _head_latency(head, one: torch.Tensor, runs: int) -> float:
+    import statistics
+    import time
+
+    head.eval()
+    for _ in range(10):
+        head(one)
+    ts = []
+    for _ in range(max(runs, 200)):
+        t0 = time.perf_counter()
+        head(one)
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)

@@ -1,0 +1,145 @@
+"""Fusion head: embedding cache, device masking, mismatched devices, test-split audit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli, write_tree
+from papm_core import checkpoint, loader
+from papm_core.data import load_dataset, subsample
+from papm_core.fusion import (build_head, cached_embed, embed, fused_logits, head_accuracy,
+                              random_mask, train_head)
+from papm_core.loader import normalize
+from papm_core.models import build_model, resnet18_spec
+from papm_core.system import load_system, run_fuse, split_eval
+from papm_core.util import PapmError
+
+
+def _model(seed, width=0.125, k=10):
+    torch.manual_seed(seed)
+    m = build_model(resnet18_spec(width, k)).train()
+    with torch.no_grad():
+        m(torch.randn(32, 3, 32, 32))
+    return m.eval()
+
+
+def test_cache_keyed_by_checkpoint(tmp_path, cifar):
+    imgs = subsample(cifar.test, 3)
+    a = checkpoint.save(tmp_path / "a.pt", _model(0), kind="pruned", class_names=cifar.classes)
+    e1 = cached_embed(a, _model(0), imgs, root=tmp_path / "cache")
+    assert np.array_equal(e1, cached_embed(a, _model(0), imgs, root=tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    checkpoint.save(a, _model(1), kind="pruned", class_names=cifar.classes)  # changed weights
+    e2 = cached_embed(a, _model(1), imgs, root=tmp_path / "cache")
+    assert not np.allclose(e1, e2) and len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert np.array_equal(e2, embed(_model(1), imgs))
+
+
+def test_cached_equals_live_path(tmp_path, cifar):
+    imgs = subsample(cifar.test, 4)
+    models = [_model(0), _model(1)]
+    paths = [checkpoint.save(tmp_path / f"d{i}.pt", m, kind="pruned", class_names=cifar.classes)
+             for i, m in enumerate(models)]
+    head = build_head([m.num_features for m in models], 10).eval()
+    cached = torch.as_tensor(np.concatenate([cached_embed(p, m, imgs, tmp_path / "c")
+                                             for p, m in zip(paths, models)], 1))
+    live = fused_logits(head, models, normalize(imgs.x))
+    assert torch.allclose(head(cached), live, atol=1e-5)
+
+
+def test_mask_is_the_training_dropout():
+    head = build_head([4, 6, 3], 5).eval()
+    feats = torch.randn(8, 13)
+    gen = torch.Generator().manual_seed(0)
+    mask = random_mask(8, 3, 0.5, gen)
+    assert (mask.sum(1) >= 1).all()
+    z = head.combine(feats, mask)
+    # a masked device contributes exactly zeros; present ones are rescaled by N / n_present
+    for i, (s, e) in enumerate([(0, 4), (4, 10), (10, 13)]):
+        rows = mask[:, i] == 0
+        assert torch.all(z[rows, s:e] == 0)
+    assert torch.equal(z[:, 13:], mask)
+    one_missing = torch.ones(8, 3)
+    one_missing[:, 1] = 0
+    direct = head(feats, one_missing)
+    zeroed = feats.clone()
+    zeroed[:, 4:10] = 12345.0  # whatever a missing device would have sent is ignored
+    assert torch.equal(direct, head(zeroed, one_missing))
+
+
+def test_missing_device_above_chance(cifar):
+    """Two weak (random-init) extractors, 3 classes: the head still works with one missing."""
+    tr = subsample(cifar.train.shard([0, 1, 6], remap=True), 120, seed=0)
+    va = subsample(cifar.test.shard([0, 1, 6], remap=True), 100, seed=0)
+    models = [_model(0), _model(1)]
+    f_tr = np.concatenate([embed(m, tr) for m in models], 1)
+    f_va = np.concatenate([embed(m, va) for m in models], 1)
+    res = train_head(f_tr, tr.y.numpy(), f_va, va.y.numpy(), [m.num_features for m in models], 3,
+                     epochs=60, patience=60, lr=2e-3, device_dropout=0.3)
+    fv = torch.as_tensor(f_va)
+    for i in range(2):
+        mask = torch.ones(len(fv), 2)
+        mask[:, i] = 0
+        # measured 60-75% here; chance is 33%
+        assert head_accuracy(res.head, fv, va.y, mask) > 45.0
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sys")
+    tree = write_tree(d / "tree", classes=tuple("abcd"), per_split=(20, 5))
+    base = _model(0, 0.125, 4)
+    bpath = checkpoint.save(d / "base.pt", base, kind="base", class_names=list("abcd"),
+                            config={"val_size": 8, "seed": 0})
+    info = {"sha256": "x", "split": {"val_size": 8, "seed": 0, "per_class": 0}, "ref_size": 16}
+    paths = [checkpoint.save(d / f"dev{i}.pt", _model(i + 1, 0.125, 4), kind="pruned",
+                             class_names=list("abcd"), extra={"served_classes": g, "base": info})
+             for i, g in enumerate([[0, 1], [2, 3]])]
+    return d, tree, bpath, paths
+
+
+def test_fuse_never_reads_test_and_eval(system, monkeypatch, tmp_path):
+    d, tree, bpath, paths = system
+    monkeypatch.setenv("PAPM_CACHE", str(tmp_path / "cache"))
+    loader.READS.clear()
+    res = run_fuse(paths, tmp_path / "head.pt", str(tree), epochs=3, patience=3)
+    assert loader.READS["test"] == 0 and loader.READS["ref"] == 16 * 2 and loader.READS["val"] > 0
+    assert res["epochs_run"] == 3
+    r = split_eval(tmp_path / "head.pt", bpath, str(tree), runs=200)
+    assert loader.READS["test"] > 0
+    assert r["devices"] == 2 and len(r["missing_one"]) == 2 and r["end_to_end_ms"] > max(r["device_latency_ms"])
+    assert 0 <= r["test_acc"] <= 100 and "base" in r and set(r["test_per_class"]) == set("abcd")
+
+
+def test_head_against_wrong_devices(system, tmp_path, monkeypatch):
+    d, tree, bpath, paths = system
+    monkeypatch.setenv("PAPM_CACHE", str(tmp_path / "cache"))
+    run_fuse(paths, tmp_path / "head.pt", str(tree), epochs=1, patience=1)
+    with pytest.raises(PapmError, match="does not match"):
+        load_system(tmp_path / "head.pt", [str(paths[1]), str(paths[0])])
+    with pytest.raises(PapmError, match="expects 2 device models"):
+        load_system(tmp_path / "head.pt", [str(paths[0])])
+    res = run_cli("eval", "--split", tmp_path / "head.pt", "--ckpts", paths[1], paths[0],
+                  "--data", tree)
+    assert res.returncode == 2 and "does not match" in res.stderr
+
+
+def test_fuse_and_split_eval_cli(system, tmp_path):
+    d, tree, bpath, paths = system
+    env = {"PAPM_CACHE": str(tmp_path / "cache")}
+    head = tmp_path / "h.pt"
+    res = run_cli("fuse", "--ckpts", *paths, "--data", tree, "--epochs", 2, "--out", head, env=env)
+    assert res.returncode == 0, res.stderr
+    ev = run_cli("eval", "--split", head, "--base", bpath, "--data", tree, "--json", tmp_path / "r.json",
+                 "--csv", tmp_path / "r.csv", env=env)
+    assert ev.returncode == 0, ev.stderr
+    assert "fused system" in ev.stdout and "one device missing" in ev.stdout
+    lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("devices,test_acc")
+    # groups.json naming: a missing device checkpoint is named in one line
+    (tmp_path / "g.json").write_text('{"groups": {"2": [[0, 1], [2, 3]]}}')
+    miss = run_cli("fuse", "--groups", tmp_path / "g.json", "--devices", 2, "--ckpt-dir", d,
+                   "--data", tree, env=env)
+    assert miss.returncode == 2 and "pruned_class0-1_th77.pt" in miss.stderr
