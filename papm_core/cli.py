@@ -23,6 +23,12 @@ from pathlib import Path
 from .util import PapmError
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=True)  # long summary lines stay whole in logs
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of usage + error
         raise PapmError(f"{message} (see '{self.prog} --help')")
@@ -116,7 +122,6 @@ def _add_prune(sub) -> None:
 
 
 def cmd_prune(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from . import checkpoint
@@ -135,7 +140,7 @@ def cmd_prune(args) -> int:
     if meta.get("class_names") != ds.classes:
         raise PapmError(f"base model classes {meta.get('class_names')} differ from the data's {ds.classes}")
     data = device_data(ds, meta, cfg, dev)
-    console = Console()
+    console = _console()
     console.print(f"[bold]papm prune[/] classes {cfg.classes} r={cfg.params_reduction} alpha={cfg.alpha} "
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
                   f"calib {len(data.calib)}, public ref {len(data.ref)}")
@@ -176,8 +181,6 @@ def cmd_group(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from rich.console import Console
-
     from .config import load_preset
     from .train import train
 
@@ -186,7 +189,7 @@ def cmd_train(args) -> int:
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       val_size=args.val_size, per_class=args.per_class, classes=args.classes,
                       device=args.device, out=args.out)
-    console = Console()
+    console = _console()
     console.print(f"[bold]papm train[/] width {cfg.width} epochs {cfg.epochs} batch {cfg.batch_size} "
                   f"lr {cfg.lr} seed {cfg.seed} -> {cfg.out}")
     res = train(cfg, show_progress=not args.no_progress, log=console.print)
@@ -200,7 +203,6 @@ def cmd_eval(args) -> int:
         return cmd_eval_split(args)
     if not args.ckpt:
         raise PapmError("give a checkpoint to evaluate, or --split HEAD for a fused system")
-    from rich.console import Console
     from rich.table import Table
 
     from . import checkpoint
@@ -226,7 +228,7 @@ def cmd_eval(args) -> int:
            "test_per_class": acc.per_class, "params": count_params(model),
            "param_mb": checkpoint.param_mb(model), "file_mb": checkpoint.file_mb(args.ckpt),
            "latency": lat, "throughput": thr}
-    console = Console()
+    console = _console()
     table = Table(title=f"{Path(args.ckpt).name}: test accuracy per class ({acc.n} images)")
     table.add_column("class")
     table.add_column("name")
@@ -295,7 +297,6 @@ def cmd_eval_split(args) -> int:
     import csv
     import io
 
-    from rich.console import Console
     from rich.table import Table
 
     from .system import split_eval
@@ -314,7 +315,7 @@ def cmd_eval_split(args) -> int:
                   f"{r['device_latency_ms'][i]:.2f}", "")
     t.add_row("fusion head", "", "", f"{r['head_mb']:.2f}", f"{r['head_latency_ms']:.2f}", "")
     t.add_row("[bold]fused system[/]", "all", "", "", f"{r['end_to_end_ms']:.2f}", f"[bold]{r['test_acc']:.2f}[/]")
-    Console().print(t)
+    _console().print(t)
     if r["missing_one_worst"] is not None:
         print(f"one device missing: worst {r['missing_one_worst']:.2f}%, mean {r['missing_one_mean']:.2f}%")
     if args.json:

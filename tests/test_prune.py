@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli, write_tree
 from papm_core import checkpoint
 from papm_core.config import PruneConfig
-from papm_core.data import Split, subsample
+from papm_core.data import Split
 from papm_core.models import build_model, count_params, resnet18_spec, spec_params
 from papm_core.prune import (_ranked, apoz, masked, papm_scores, search_keep, slim, spec_for,
                              units, weight_norms)

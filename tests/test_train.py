@@ -22,8 +22,9 @@ def _cfg(shared_archive, tmp_path, **kw):
 def test_two_classes_learn_above_chance(shared_archive, cifar, tmp_path):
     """airplane vs frog, 900 train images, 3 epochs on CPU."""
     res = train(_cfg(shared_archive, tmp_path), show_progress=False, log=lambda *_: None)
-    # measured 89-93% here with seeds 0-2 (chance is 50%); the bound leaves a wide margin
-    assert res.best_val >= 80.0, res.history
+    # measured 88.0 / 84.0 / 82.0% on the 100 validation images with seeds 0 / 1 / 2
+    # (chance is 50%); the bound leaves a margin of 12 points below the worst seed
+    assert res.best_val >= 70.0, res.history
     model, meta = checkpoint.load(res.path)
     assert meta["classes"] == [0, 6] and meta["class_names"] == ["airplane", "frog"]
     assert meta["metrics"]["complete"] and meta["metrics"]["val_acc"] == res.best_val
