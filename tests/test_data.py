@@ -165,3 +165,18 @@ def test_batches_cover_split_once(cifar):
     assert sorted(seen.tolist()) == sorted(s.y.tolist())
     ev = [y for _, y in batches(s, 64, train=False)]
     assert torch.equal(torch.cat(ev), s.y)
+
+
+def test_offline_download_is_one_clear_error(monkeypatch, tmp_path):
+    """No --data and no PAPM_DATA means torchvision's download; offline that is one line."""
+    import urllib.error
+
+    import papm_core.data as data_mod
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(data_mod, "_read_torchvision", offline)
+    monkeypatch.delenv("PAPM_DATA", raising=False)
+    with pytest.raises(PapmError, match="could not download CIFAR-10 .*PAPM_DATA"):
+        load_dataset(None)

@@ -204,3 +204,14 @@ def test_prune_bad_base(tiny, tmp_path):
     (tmp_path / "bad.pt").write_bytes(base.read_bytes()[:500])
     res = run_cli("prune", "--base", tmp_path / "bad.pt", "--data", tree, "--classes", "1")
     assert res.returncode == 2 and "corrupt" in res.stderr
+
+
+def test_fixed_threshold_and_channel_rank():
+    from papm_core.prune import channel_rank_keep, keep_by_threshold
+    ap = {"u": np.array([0.1, 0.9, 0.5, 0.95, 0.2]), "v": np.array([0.99, 0.98, 0.97])}
+    keep = keep_by_threshold(ap, 0.6, min_channels=2)
+    assert keep["u"] == [0, 2, 4]
+    assert keep["v"] == [1, 2], "min_channels keeps the lowest-APoZ channels"
+    # the original rule counts channels: r = 0.5 of 8 channels -> the 4 highest APoZ go
+    keep, t = channel_rank_keep(ap, 0.5, min_channels=1)
+    assert t == pytest.approx(0.95) and keep == {"u": [0, 1, 2, 4], "v": [2]}  # v: min_channels
