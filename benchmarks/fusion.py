@@ -31,8 +31,9 @@ def ensure_device(group, recipe, args, base, meta, ds, out_dir: Path) -> Path:
     path = out_dir / f"{output_name(group, args.r)}.pt"
     if path.is_file():
         return path
+    extra = dict(ce_weight=args.ce_weight) if recipe == "default" else {}
     cfg = PruneConfig(classes=group, params_reduction=args.r, epochs=args.epochs, lr=args.lr,
-                      batch_size=args.batch_size, seed=args.seed, **RECIPES[recipe]).validate()
+                      batch_size=args.batch_size, seed=args.seed, **RECIPES[recipe], **extra).validate()
     res = prune(base, device_data(ds, meta, cfg, "cpu"), cfg)
     res.report.update(test_figures(res.model, ds.test, group))
     save_result(res, cfg, ds.classes, str(out_dir), {
@@ -55,6 +56,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ce-weight", type=float, default=1.0)
+    ap.add_argument("--tag", default="", help="suffix of the per-recipe output folder")
     ap.add_argument("--out", default="runs/bench-fusion")
     args = ap.parse_args()
     base, meta = checkpoint.load(args.base)
@@ -62,7 +65,7 @@ def main() -> None:
     groups = read_groups(args.groups)
     rows = []
     for recipe in args.recipes:
-        out_dir = Path(args.out) / f"{recipe}-seed{args.seed}"
+        out_dir = Path(args.out) / f"{recipe}{args.tag}-seed{args.seed}"
         for n in args.devices:
             paths = [ensure_device(g, recipe, args, base, meta, ds, out_dir) for g in groups[n]]
             head = out_dir / f"fusion_n{n}.pt"

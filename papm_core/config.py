@@ -1,6 +1,6 @@
 """Typed configs: defaults live in dataclasses, presets in ``configs/*.toml``.
 
-A preset file has one table per stage (``[train]`` for now); any key may be
+A preset file has one table per stage (``[train]``, ``[prune]``, ``[fuse]``, ``[sim]``); any key may be
 overridden on the command line. Unknown keys are an error, so a typo never passes
 silently. ``auto`` picks ``full`` when CUDA is present and ``quick`` otherwise.
 
@@ -85,6 +85,7 @@ class PruneConfig:
     warmup: float = 0.2
     label_smoothing: float = 0.0
     kd_temperature: float = 4.0      # softens base-model targets for distillation
+    ce_weight: float = 1.0           # weight of shard cross-entropy next to distillation
     ref_size: int = 5000             # public reference set carved from train (server-held)
     seed: int = 0
     device: str = "auto"
@@ -104,6 +105,7 @@ class PruneConfig:
                    "--search threshold needs --threshold T"),
                   (self.criterion in ("papm", "random"), "--criterion must be papm or random"),
                   (self.epochs >= 0, "--epochs must be >= 0"),
+                  (self.ce_weight >= 0, "--ce-weight must be >= 0"),
                   (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
                   (self.min_channels >= 1 and self.round_to >= 1, "--min-channels and --round-to must be >= 1"),
                   (self.calib_size >= 1, "--calib-size must be >= 1"),
@@ -116,7 +118,61 @@ class PruneConfig:
         return self
 
 
-STAGES = {"train": TrainConfig, "prune": PruneConfig}
+@dataclass
+class FuseConfig:
+    """The fusion head: Adam on reference embeddings, early stopping on validation."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 5e-4
+    patience: int = 20               # epochs without a better validation accuracy
+    device_dropout: float = 0.2      # chance of masking each device per training sample
+    hidden: int = 512
+    dropout: float = 0.3
+    head_seeds: int = 3              # heads trained per run; validation picks one
+
+    def validate(self) -> "FuseConfig":
+        checks = [(self.epochs >= 1 and self.patience >= 1, "fusion epochs and patience must be >= 1"),
+                  (self.batch_size >= 2, "fusion batch_size must be >= 2 (BatchNorm)"),
+                  (self.lr > 0, "fusion lr must be positive"),
+                  (0 <= self.device_dropout < 1, "device_dropout must lie in [0, 1)"),
+                  (0 <= self.dropout < 1, "fusion dropout must lie in [0, 1)"),
+                  (self.head_seeds >= 1, "head_seeds must be >= 1")]
+        for ok, msg in checks:
+            if not ok:
+                raise PapmError(msg)
+        return self
+
+
+@dataclass
+class SimConfig:
+    """The federation: device counts, round timeouts (s), node resources."""
+
+    devices: str = "2-10"            # a range (2-10) or a list (2,5,10)
+    grouping: str = "correlation"    # similarity behind the grouping (see papm_core.grouping)
+    max_group_size: int = 0          # >0 rebalances larger groups
+    stats_timeout: float = 600.0
+    prune_timeout: float = 7200.0
+    embed_timeout: float = 1200.0
+    evaluate_timeout: float = 1200.0
+    latency_runs: int = 200          # batch-1 runs per latency median (at least 200)
+    client_cpus: float = 0.0         # CPUs per simulated client; 0 = all (clients run one at a time)
+    deal_seed: int = 0               # how classes are dealt to nodes before grouping
+    test_per_class: int = 0          # >0 reports on a seeded subset of the test split (smoke runs)
+
+    def validate(self) -> "SimConfig":
+        checks = [(min(self.stats_timeout, self.prune_timeout, self.embed_timeout,
+                       self.evaluate_timeout) > 0, "round timeouts must be positive"),
+                  (self.latency_runs >= 200, "latency_runs must be >= 200"),
+                  (self.client_cpus >= 0, "client_cpus must be >= 0"),
+                  (self.max_group_size >= 0, "max_group_size must be >= 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise PapmError(msg)
+        return self
+
+
+STAGES = {"train": TrainConfig, "prune": PruneConfig, "fuse": FuseConfig, "sim": SimConfig}
 
 
 def resolve_preset_name(name: str) -> str:
@@ -160,6 +216,25 @@ def load_preset(name: str, stage: str = "train", **overrides: Any):
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = make_config(STAGES[stage], values, f"[{stage}] of {path}")
     return cfg.validate()
+
+
+def load_all(name: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Every stage's config of a preset as typed dataclasses, overrides applied per stage."""
+    overrides = overrides or {}
+    out = {}
+    for stage in STAGES:
+        if stage == "prune":
+            # the device classes come from the grouping; validate the rest with a placeholder
+            cfg = load_preset(name, stage, **{"classes": [0], **overrides.get(stage, {})})
+        else:
+            cfg = load_preset(name, stage, **overrides.get(stage, {}))
+        out[stage] = cfg
+    return out
+
+
+def from_dict(stage: str, values: dict[str, Any]):
+    """A stage's dataclass from a plain dict (e.g. a message or a resolved config file)."""
+    return make_config(STAGES[stage], dict(values), f"the [{stage}] settings").validate()
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -12,8 +12,11 @@ Scopes say exactly which data the device reads:
   cross-entropy, 9:1 sampling of own versus other classes, 5x class weights on own
   classes; an epoch draws len(shard)/0.9 images so own images are seen about once.
 
-Selection uses the validation split restricted to what the scope may read: accuracy on
-the device's own classes for the shard scopes, 10-class accuracy for ``all``.
+Selection uses the server-held validation split. Scope ``shard`` selects on the
+device's own classes only; ``shard+public`` and ``all`` train the device to answer for
+every class (through distillation or labels), so they select on 10-class accuracy. Own-
+class accuracy alone cannot select a one-class device: predicting that class always
+scores 100 %, so the untrained slimmed model would win. Ties go to the later epoch.
 
 Example: ``papm prune --base checkpoints/base.pt --classes 3 5 --scope shard+public``
 """
@@ -78,7 +81,7 @@ def _loss_fn(cfg: PruneConfig, base: nn.Module, own: list[int], n_classes: int, 
         if out_ref is not None:
             kd = (kd * len(out) + kd_loss(out_ref, t_ref, cfg.kd_temperature) * len(out_ref)) / (
                 len(out) + len(out_ref))
-        return ce + kd
+        return cfg.ce_weight * ce + kd
     return loss
 
 
@@ -90,7 +93,7 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
     own = list(cfg.classes)
     base = base.eval()
     primary = pool if cfg.scope == "all" else shard
-    sel_val = val if cfg.scope == "all" else val.shard(own)
+    sel_val = val.shard(own) if cfg.scope == "shard" else val
     gen = torch.Generator().manual_seed(cfg.seed)
     n_epoch = int(len(shard) / 0.9) if cfg.recipe == "original" else len(primary)
     steps = max(1, cfg.epochs * num_batches(n_epoch, cfg.batch_size))
@@ -122,7 +125,7 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
         history.append({"epoch": epoch, "loss": float(tot / max(seen, 1)), "val_acc": val_acc})
         if on_epoch:
             on_epoch(history[-1])
-        if val_acc > best["val"]:
+        if val_acc >= best["val"]:
             best = {"val": val_acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best["state"])
     return FinetuneResult(model.eval(), best["val"], best["epoch"], history)

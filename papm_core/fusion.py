@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,22 @@ def random_mask(n: int, n_dev: int, p: float, gen: torch.Generator) -> torch.Ten
         keep = torch.randint(0, n_dev, (int(empty.sum()),), generator=gen)
         mask[empty.nonzero().flatten(), keep] = 1.0
     return mask
+
+
+@torch.no_grad()
+def head_latency_ms(head: FusionHead, feats: torch.Tensor, mask: torch.Tensor | None = None,
+                    runs: int = 200) -> float:
+    """Median batch-1 time of the head alone, in ms (at least 200 timed runs)."""
+    head.eval()
+    one, m = feats[:1], None if mask is None else mask[:1]
+    for _ in range(10):
+        head(one, m)
+    times = []
+    for _ in range(max(runs, 200)):
+        t0 = time.perf_counter()
+        head(one, m)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint
-from .data import Split, load_dataset, train_val_split
+from .data import Split, load_dataset, carve
 from .loader import batches
 from .plots import dendrogram, heatmap
 from .util import PapmError, atomic_write, file_sha256, provenance, resolve_device, write_json
@@ -216,7 +216,8 @@ def run_grouping(base_path: str, devices: list[int], data: str | None, method: s
         raise PapmError(f"device counts {bad} are outside [1, {len(ds.classes)}] (the number of classes)")
     cfg = meta.get("config", {})
     # the same validation split the base model was selected on: never the test split
-    _, val = train_val_split(ds.train, int(cfg.get("val_size", 5000)), int(cfg.get("seed", 0)))
+    _, val = carve(ds.train, int(cfg.get("val_size", 5000)), int(cfg.get("seed", 0)),
+                   int(cfg.get("per_class", 0)))
     stats = class_stats(model, val)
     sim = similarity(stats, method)
     groups = {n: group_classes(stats, n, method, max_group_size) for n in devices}

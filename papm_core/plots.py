@@ -60,3 +60,11 @@ def dendrogram(sim: np.ndarray, labels: list[str], path: str | Path, title: str)
     ax.set_ylabel("distance (1 - similarity)")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def figure(ncols: int = 1, size: tuple[float, float] = (5.0, 3.6)):
+    """(fig, axes) of a row of ``ncols`` plots, size in inches per plot."""
+    return _figure().subplots(1, ncols, figsize=(size[0] * ncols, size[1]))
+
+
+save = _save

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint
 from .data import load_dataset
 from .evaluate import accuracy, latency_ms
-from .fusion import cached_embed, head_accuracy, train_head
+from .fusion import cached_embed, head_accuracy, head_latency_ms, train_head
 from .specialize import output_name, reference_splits
 from .util import PapmError, file_sha256
 
@@ -116,7 +116,7 @@ def split_eval(head_path: str | Path, base_path: str | Path | None = None, data:
         pred = head(feats).argmax(1)
     per_class = {c: 100.0 * (pred[y == k] == k).float().mean().item() for k, c in enumerate(ds.classes)}
     dev_lat = [latency_ms(m, runs)["median_ms"] for m in models]
-    head_lat = _head_latency(head, feats[:1], runs)
+    head_lat = head_latency_ms(head, feats[:1], runs=runs)
     res = {"devices": n, "test_acc": full, "test_per_class": per_class,
            "missing_one_worst": min(missing) if n > 1 else None,
            "missing_one_mean": float(np.mean(missing)) if n > 1 else None,
@@ -133,19 +133,3 @@ def split_eval(head_path: str | Path, base_path: str | Path | None = None, data:
                        "mb": checkpoint.file_mb(base_path),
                        "params": sum(p.numel() for p in base.parameters())}
     return res
-
-
-@torch.no_grad()
-def _head_latency(head, one: torch.Tensor, runs: int) -> float:
-    import statistics
-    import time
-
-    head.eval()
-    for _ in range(10):
-        head(one)
-    ts = []
-    for _ in range(max(runs, 200)):
-        t0 = time.perf_counter()
-        head(one)
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)

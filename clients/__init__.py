@@ -1,0 +1,1 @@
+"""clients: the Flower layer (thin over papm_core)."""

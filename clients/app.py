@@ -1,0 +1,162 @@
+"""The PAPM ClientApp: one edge device. Thin handlers over ``papm_core.node``.
+
+Message types (the strategy in ``strategies/papm.py`` sends them):
+
+- ``query.stats``: the base model -> class statistics of its predictions on this node's
+  validation images, plus the classes the node holds. Statistics only, never data.
+- ``train.prune``: classes, r, alpha, recipe (+ the public reference and validation
+  sets) -> PAPM pruning and fine-tuning on the local shard; the model stays in the
+  node's store, the reply carries metrics and the width spec, never weights.
+- ``query.embed``: public images -> frozen embeddings of the node's pruned model.
+- ``evaluate``: test images -> embeddings, the model's own predictions, and this node's
+  batch-1 latency measured here.
+
+Where a node finds its data: an edge box sets ``data`` (a folder or archive of its own
+images; see the README) and ``store`` in its node config. A simulated node has Flower's
+``partition-id``/``num-partitions`` and reads the run config's ``data``: before grouping
+it holds the classes dealt to it (``papm_core.node.held_classes``), after grouping the
+shard of the group the strategy assigns to it.
+
+Example: ``flwr run . papm-sim --run-config 'out="/abs/runs/x/n2"'`` (sim.py does this)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from clients import wire
+from papm_core.config import from_dict
+from papm_core.data import Split
+from papm_core.node import (embed_images, ensure_pruned, evaluate_images, find_pruned,
+                            held_classes, local_data, local_stats)
+from papm_core.util import atomic_write
+
+app = ClientApp()
+
+
+class Node:
+    """This node's identity, data source and store, from node config then run config."""
+
+    def __init__(self, ctx: Context):
+        nc, rc = ctx.node_config, ctx.run_config
+        self.simulated = "partition-id" in nc and "data" not in nc
+        self.partition = int(nc.get("partition-id", -1))
+        self.partitions = int(nc.get("num-partitions", 0))
+        self.name = str(nc.get("name", f"node-{self.partition}" if self.simulated else "box"))
+        self.source = str(nc.get("data", rc.get("data", ""))) or None
+        self.store = Path(str(nc.get("store", rc.get("store", "")) or Path.home() / ".cache/papm/node"))
+        self.deal_seed = int(rc.get("deal-seed", 0))
+        self.fail_partition = int(rc.get("test-fail-partition", -1))
+        self.fail_round = str(rc.get("test-fail-round", ""))
+        self.delay = float(rc.get("test-delay-s", 0.0))
+        threads = int(rc.get("client-threads", 0))
+        if threads > 0:
+            torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
+
+    def maybe_fail(self, round_name: str) -> None:
+        """Test-only fault injection (run config ``test-fail-partition``/``test-fail-round``;
+        with ``test-delay-s`` > 0 the node sleeps that long instead of raising)."""
+        hit = self.fail_partition in (self.partition, -2)  # -2: every node
+        if self.simulated and hit and round_name == self.fail_round:
+            if self.delay > 0:  # a slow node instead of a failing one
+                time.sleep(self.delay)
+                return
+            raise RuntimeError(f"injected failure in round {round_name} (test-fail-partition)")
+
+    def progress(self, **state) -> None:
+        """A small JSON beside the store that sim.py shows as the node's live state."""
+        path = self.store / "progress" / f"{self.name}.json"
+        text = json.dumps({"node": self.name, "time": time.time(), **state})
+        try:
+            atomic_write(path, lambda p: p.write_text(text))
+        except OSError:
+            pass  # progress is best effort; the work itself must not fail on it
+
+
+def _reply(msg: Message, config: dict, arrays=None, t0: float | None = None) -> Message:
+    """The reply; ``compute_s`` is the handler's own time, so the server can split a
+    round's wall time into node compute and everything else (transport, queueing)."""
+    if t0 is not None:
+        config = {**config, "compute_s": time.perf_counter() - t0}
+    return Message(wire.pack(config, arrays), reply_to=msg)
+
+
+@app.query("stats")
+def stats(msg: Message, ctx: Context) -> Message:
+    t0 = time.perf_counter()
+    node = Node(ctx)
+    node.maybe_fail("stats")
+    cfg = wire.config_of(msg.content, ("split", "num_classes"))
+    ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated}
+    if node.simulated:
+        held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed)
+    else:
+        held = sorted(set(local_data(node.source, cfg["split"]).val.y.unique().tolist()))
+    if cfg.get("identify_only"):
+        return _reply(msg, {**ident, "held": held}, t0=t0)
+    base = wire.model_from(msg.content, wire.config_of(msg.content, ("spec",))["spec"])
+    st = local_stats(base, local_data(node.source, cfg["split"], held), held)
+    arrays = {k: getattr(st, k) for k in ("count", "prob_sum", "outer_sum", "logit_sum")}
+    return _reply(msg, {**ident, "held": held}, arrays, t0=t0)
+
+
+@app.train("prune")
+def prune(msg: Message, ctx: Context) -> Message:
+    t0 = time.perf_counter()
+    node = Node(ctx)
+    cfg = wire.config_of(msg.content, ("spec", "split", "prune", "base_sha256"))
+    node.maybe_fail("prune")
+    pcfg = from_dict("prune", {**cfg["prune"], "device": "cpu" if not torch.cuda.is_available() else "cuda"})
+    base = wire.model_from(msg.content, cfg["spec"])
+    public = {}
+    for name in ("ref", "val"):
+        if f"{name}_x" in (msg.content.array_records.get("arrays") or {}):
+            x, y = wire.images(msg.content, name)
+            public[name] = Split(name, torch.from_numpy(x), torch.from_numpy(y), [])
+    data = local_data(node.source, cfg["split"], None if pcfg.scope == "all" else pcfg.classes)
+    for s in public.values():
+        s.classes = data.classes
+    node.progress(stage="prune", classes=pcfg.classes, epoch=0, epochs=pcfg.epochs)
+    path, report, reused = ensure_pruned(
+        base, cfg["base_sha256"], data, pcfg, cfg["split"], public, node.store,
+        on_epoch=lambda h: node.progress(stage="prune", classes=pcfg.classes, epoch=h["epoch"],
+                                         epochs=pcfg.epochs))
+    node.progress(stage="idle")
+    keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
+            "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key")
+    return _reply(msg, {"name": node.name, "reused": reused, "path": str(path),
+                        "report": {k: report.get(k) for k in keep}}, t0=t0)
+
+
+@app.query("embed")
+def embed(msg: Message, ctx: Context) -> Message:
+    t0 = time.perf_counter()
+    node = Node(ctx)
+    node.maybe_fail("embed")
+    cfg = wire.config_of(msg.content, ("key",))
+    path = find_pruned(node.store, str(cfg["key"]))
+    out = {}
+    for name in ("ref", "val"):
+        x, _ = wire.images(msg.content, name)
+        out[f"{name}_f"] = embed_images(path, x, node.store)
+    return _reply(msg, {"name": node.name}, out, t0=t0)
+
+
+@app.evaluate()
+def evaluate(msg: Message, ctx: Context) -> Message:
+    t0 = time.perf_counter()
+    node = Node(ctx)
+    node.maybe_fail("evaluate")
+    cfg = wire.config_of(msg.content, ("key",))
+    path = find_pruned(node.store, str(cfg["key"]))
+    x, _ = wire.images(msg.content, "test")
+    res = evaluate_images(path, x, node.store, int(cfg.get("latency_runs", 200)))
+    arrays = {"features": res.pop("features"), "pred": res.pop("pred")}
+    return _reply(msg, {"name": node.name, "pid": os.getpid(), **res}, arrays, t0=t0)

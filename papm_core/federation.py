@@ -1,0 +1,120 @@
+"""Server-side steps of the federated protocol, without Flower: the server's public data,
+matching groups to nodes, the fusion head from uploaded embeddings, and the fused
+system's figures from uploaded test embeddings. ``strategies/papm.py`` calls these.
+
+The server holds the base model and three public sets carved exactly as ``papm prune``
+carves them: the reference set (the head's training data, sent to nodes to embed), the
+validation split (selection and early stopping) and the test split (reported figures
+only). A device missing from a round is absent from ``embeddings``; the head is built
+over the devices that delivered reference embeddings, and at test time a device that
+did not answer is masked, never replaced by made-up features.
+
+Example: ``python -c "from papm_core.federation import match_groups; print(match_groups([[0], [1]], [[1], [0]]))"``
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import FuseConfig, to_dict
+from .data import Dataset, Split, load_dataset
+from .fusion import FusionHead, head_accuracy, train_head
+from .specialize import reference_splits
+from .util import PapmError
+
+
+def server_data(source: str | None, split: dict) -> tuple[Dataset, Split, Split]:
+    """(dataset, public reference set, validation split) for the base model's split."""
+    ds = load_dataset(source)
+    _, ref, val = reference_splits(ds, split, int(split["ref_size"]))
+    return ds, ref, val
+
+
+def match_groups(groups: list[list[int]], held: list[list[int]] | None) -> list[int]:
+    """Which group each node serves. Simulated nodes can hold any shard (``held`` None):
+    node i serves group i. Real boxes hold fixed data: each group goes to the box holding
+    most of its classes (greedy on overlap, ties to the lower node index)."""
+    if held is None:
+        return list(range(len(groups)))
+    if len(held) != len(groups):
+        raise PapmError(f"{len(held)} nodes for {len(groups)} groups")
+    pairs = sorted(((-len(set(g) & set(h)), gi, ni) for gi, g in enumerate(groups)
+                    for ni, h in enumerate(held)))
+    out, used_g, used_n = [-1] * len(held), set(), set()
+    for _, gi, ni in pairs:
+        if gi not in used_g and ni not in used_n:
+            out[ni] = gi
+            used_g.add(gi)
+            used_n.add(ni)
+    return out
+
+
+def stack(feats: dict[int, np.ndarray], order: list[int], dims: list[int], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-device features in head order; a missing device is zeros + mask 0."""
+    cols, mask = [], torch.ones(n, len(order))
+    for j, (i, d) in enumerate(zip(order, dims)):
+        f = feats.get(i)
+        if f is None:
+            cols.append(torch.zeros(n, d))
+            mask[:, j] = 0.0
+        else:
+            if f.shape != (n, d):
+                raise PapmError(f"device {i} sent embeddings of shape {f.shape}, expected {(n, d)}")
+            cols.append(torch.as_tensor(f, dtype=torch.float32))
+    return torch.cat(cols, 1), mask
+
+
+def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref: Split, val: Split,
+         num_classes: int, cfg: FuseConfig, seed: int, on_epoch=None):
+    """Train the head over the devices that sent both reference and validation embeddings."""
+    order = sorted(set(ref_feats) & set(val_feats))
+    if not order:
+        raise PapmError("no device delivered embeddings; nothing to fuse")
+    dims = [ref_feats[i].shape[1] for i in order]
+    xr, _ = stack(ref_feats, order, dims, len(ref))
+    xv, _ = stack(val_feats, order, dims, len(val))
+    res = train_head(xr.numpy(), ref.y.cpu().numpy(), xv.numpy(), val.y.cpu().numpy(), dims,
+                     num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                     patience=cfg.patience, device_dropout=cfg.device_dropout, seed=seed,
+                     hidden=cfg.hidden, dropout=cfg.dropout, on_epoch=on_epoch)
+    return res, order, dims
+
+
+def save_head(path: Path, head: FusionHead, class_names: list[str], devices: list[dict],
+              cfg: FuseConfig, metrics: dict, base: dict) -> Path:
+    """The head in the project's checkpoint format, naming the device models it expects."""
+    return checkpoint.save(path, head, kind="fusion", class_names=class_names, metrics=metrics,
+                           config=to_dict(cfg), extra={"devices": devices, "base": base})
+
+
+def fused_figures(head: FusionHead, order: list[int], dims: list[int],
+                  test_feats: dict[int, np.ndarray], y: torch.Tensor, class_names: list[str]) -> dict:
+    """Test accuracy overall and per class (devices that did not answer are masked), and
+    with each single device of the head masked as well: the worst and the mean."""
+    x, mask = stack(test_feats, order, dims, len(y))
+    with torch.no_grad():
+        head.eval()
+        pred = torch.cat([head(x[i:i + 2048], mask[i:i + 2048]).argmax(1) for i in range(0, len(y), 2048)])
+    per_class = {c: 100.0 * (pred[y == k] == k).float().mean().item() for k, c in enumerate(class_names)}
+    missing = []
+    for j in range(len(order)):
+        m = mask.clone()
+        m[:, j] = 0.0
+        if m.sum(1).min() > 0:
+            missing.append(head_accuracy(head, x, y, m))
+    return {"test_acc": 100.0 * (pred == y).float().mean().item(), "test_per_class": per_class,
+            "masked_at_test": [order[j] for j in range(len(order)) if mask[0, j] == 0],
+            "missing_one": missing, "missing_one_worst": min(missing) if missing else None,
+            "missing_one_mean": float(np.mean(missing)) if missing else None}
+
+
+def device_figures(pred: np.ndarray, y: torch.Tensor, classes: list[int]) -> dict:
+    """A device model's own test accuracy: on its classes, and over all classes."""
+    p = torch.as_tensor(pred)
+    own = torch.isin(y, torch.tensor(classes))
+    return {"test_own_acc": 100.0 * (p[own] == y[own]).float().mean().item(),
+            "test_acc": 100.0 * (p == y).float().mean().item()}

@@ -1,0 +1,152 @@
+"""What one edge node computes, without Flower: local class statistics, a cached pruned
+model, embeddings, and its own batch-1 latency. ``clients/app.py`` calls these.
+
+A node's data is ``LocalData``: the private training images (train minus the server's
+validation split and public reference set, exactly as ``papm prune`` carves them) and
+the validation images of the same classes. In simulation every node reads the same
+source and keeps only the classes it holds; on an edge box the source is its own folder.
+
+The node keeps its pruned models in a node-local store (``<store>/pruned/<key>.pt``).
+The key hashes the base model, the classes and every pruning setting, so a model is
+built once and reused by every run that needs it (any N, any rerun).
+
+Example: ``python -c "from papm_core.node import prune_key; print(prune_key('ab', [3, 5], {}, {}))"``
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint
+from .config import PruneConfig, to_dict
+from .data import Dataset, Split, load_dataset, subsample
+from .evaluate import latency_ms
+from .fusion import cached_embed
+from .grouping import ClassStats, class_stats
+from .specialize import DeviceData, prune, reference_splits
+from .util import PapmError, file_sha256, write_json
+
+
+@dataclass
+class LocalData:
+    private: Split      # private training images of every class this node can read
+    val: Split          # validation images of the same classes
+    classes: list[str]  # class names of the source
+
+
+@functools.lru_cache(maxsize=4)
+def _local(source: str | None, split_json: str) -> tuple[Dataset, Split, Split, Split]:
+    split = json.loads(split_json)
+    ds = load_dataset(source)
+    private, ref, val = reference_splits(ds, split, int(split["ref_size"]))
+    return ds, private, ref, val
+
+
+def local_data(source: str | None, split: dict, held: list[int] | None = None) -> LocalData:
+    """The node's data; ``held`` (class ids) restricts it to the classes the node holds."""
+    ds, private, _, val = _local(source, json.dumps(split, sort_keys=True))
+    if held is not None:
+        private, val = private.shard(held), val.shard(held)
+    return LocalData(private, val, ds.classes)
+
+
+def held_classes(num_classes: int, partition: int, partitions: int, deal_seed: int = 0) -> list[int]:
+    """Simulation: which classes node ``partition`` of ``partitions`` holds before grouping.
+    Every class goes to exactly one node (a seeded deal); any deal gives the same grouping,
+    because the statistics merge exactly."""
+    if not 0 <= partition < partitions:
+        raise PapmError(f"partition {partition} outside 0..{partitions - 1}")
+    order = np.random.default_rng(deal_seed).permutation(num_classes) if deal_seed else np.arange(num_classes)
+    return sorted(int(c) for c in order[partition::partitions])
+
+
+def local_stats(base: nn.Module, data: LocalData, classes: list[int]) -> ClassStats:
+    """Class statistics of the base model's predictions on this node's validation images
+    (held out from the base model's training, so the predictions are not overfit)."""
+    present = [c for c in classes if c in set(data.val.y.unique().tolist())]
+    if not present:
+        raise PapmError(f"this node holds no validation images of classes {classes}")
+    return class_stats(base, data.val.shard(present))
+
+
+def prune_key(base_sha: str, classes: list[int], prune_cfg: dict, split: dict) -> str:
+    """Content key of one device model: base, classes, settings (device/out paths excluded)."""
+    cfg = {k: v for k, v in prune_cfg.items() if k not in ("device", "out_dir", "data", "classes")}
+    blob = json.dumps({"base": base_sha, "classes": sorted(classes), "cfg": cfg, "split": split},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _pruned_path(store: Path, key: str) -> Path:
+    return Path(store) / "pruned" / f"{key}.pt"
+
+
+def ensure_pruned(base: nn.Module, base_sha: str, data: LocalData, cfg: PruneConfig, split: dict,
+                  public: dict[str, Split], store: Path, on_epoch=None) -> tuple[Path, dict, bool]:
+    """The node's pruned model for ``cfg.classes``: loaded from the store when built before,
+    else pruned, fine-tuned and saved atomically. Returns (path, report, reused)."""
+    key = prune_key(base_sha, cfg.classes, to_dict(cfg), split)
+    path = _pruned_path(store, key)
+    if path.is_file():
+        try:
+            _, meta = checkpoint.read(path)
+            return path, meta["metrics"], True
+        except PapmError:
+            pass  # a damaged file is rebuilt; a half-written one never exists (atomic save)
+    dev = next(base.parameters()).device
+    shard = data.private.shard(cfg.classes)
+    calib = subsample(shard, -(-cfg.calib_size // len(cfg.classes)), cfg.seed)
+    calib = calib.take(torch.arange(min(cfg.calib_size, len(calib))))
+    own_val = data.val.shard(cfg.classes)
+    val = own_val if cfg.scope == "shard" else public.get("val", own_val)
+    ref = public.get("ref")
+    if cfg.scope == "shard+public" and ref is None:
+        raise PapmError("scope shard+public needs the public reference set in the message")
+    dd = DeviceData(shard.to(dev), calib.to(dev), val.to(dev), ref.to(dev) if ref is not None else None,
+                    data.private.to(dev) if cfg.scope == "all" else data.private)
+    res = prune(base, dd, cfg, on_epoch=on_epoch)
+    res.report["key"] = key
+    checkpoint.save(path, res.model, kind="pruned", class_names=data.classes, metrics=res.report,
+                    config=to_dict(cfg), extra={"served_classes": list(cfg.classes),
+                                                "base": {"sha256": base_sha, "split": split}})
+    res.report["file_mb"] = checkpoint.file_mb(path)
+    write_json(path.with_suffix(".json"), {"key": key, **res.report})
+    return path, res.report, False
+
+
+def find_pruned(store: Path, key: str) -> Path:
+    path = _pruned_path(store, key)
+    if not path.is_file():
+        raise PapmError(f"this node has no pruned model {key}; run the prune round first")
+    return path
+
+
+def embed_images(path: Path, x: np.ndarray, store: Path) -> np.ndarray:
+    """Frozen embeddings of uint8 images [n, 3, H, W], cached by (model sha256, images)."""
+    model, _ = checkpoint.load(path)
+    images = Split("public", torch.as_tensor(x), torch.zeros(len(x), dtype=torch.long), [])
+    return cached_embed(path, model, images, root=Path(store) / "embeddings")
+
+
+def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200) -> dict:
+    """Embeddings and the device model's own predictions for images the server asks about,
+    plus this node's median batch-1 latency in ms, measured here on the model alone."""
+    model, meta = checkpoint.load(path)
+    images = Split("test", torch.as_tensor(x), torch.zeros(len(x), dtype=torch.long), [])
+    feats = cached_embed(path, model, images, root=Path(store) / "embeddings")
+    with torch.no_grad():
+        pred = model.forward_head(torch.as_tensor(feats)).argmax(1).numpy().astype(np.int64)
+    lat = latency_ms(model, runs)
+    return {"features": feats, "pred": pred, "latency_ms": lat["median_ms"],
+            "latency_p90_ms": lat["p90_ms"], "threads": lat["threads"],
+            "params": sum(p.numel() for p in model.parameters()),
+            "file_mb": checkpoint.file_mb(path), "sha256": file_sha256(path),
+            "classes": meta.get("served_classes", [])}

@@ -1,0 +1,225 @@
+"""The run report of sim.py: ``REPORT.md``, CSVs and PNG plots beside the results, shaped
+like the original project's tables (``../shared/reference/original-results.md``), plus
+the live progress display.
+
+Reads only what the runs wrote: ``config.json``, ``base_eval.json``, ``n<N>/result.json``
+and ``n<N>/grouping.json`` in the run folder; rerunnable at any time.
+
+Example: ``python -c "from papm_core.report import write_report; write_report('runs/quick', [2, 3], {})"``
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .plots import figure, heatmap, save
+from .util import atomic_write
+
+ORIGINAL = {2: (90.17, 89.88, 3.0), 3: (89.78, 89.56, 3.3), 4: (89.30, 89.00, 3.5), 5: (89.36, 89.14, 3.4),
+            6: (88.77, 88.49, 3.3), 7: (88.27, 88.10, 3.4), 8: (87.60, 87.38, 3.4), 9: (87.24, 86.83, 3.4),
+            10: (85.64, 85.63, 3.3)}  # best, mean, ms/sample; base 95.59 %, lossless CIFAR-10
+
+
+def _csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, lambda p: p.write_text(buf.getvalue()))
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "_(none)_\n"
+    head = list(rows[0])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(r[h]) for h in head) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return "—" if v is None else str(v)
+
+
+def load_results(out: Path, devices: list[int]) -> dict[int, dict]:
+    res = {}
+    for n in devices:
+        p = out / f"n{n}" / "result.json"
+        if p.is_file():
+            res[n] = json.loads(p.read_text())
+    return res
+
+
+def fusion_rows(res: dict[int, dict]) -> list[dict]:
+    rows = []
+    for n, r in sorted(res.items()):
+        f, lat = r["fusion"], [d.get("latency_ms") for d in r["per_device"] if d.get("latency_ms")]
+        orig = ORIGINAL.get(n, (None, None, None))
+        rows.append({"N": n, "fused acc %": f["test_acc"], "best acc %": f.get("seed_best"),
+                     "mean acc %": f.get("seed_mean"), "base − fused": r["base"]["test_acc"] - f["test_acc"],
+                     "worst, one missing %": f.get("missing_one_worst"),
+                     "mean, one missing %": f.get("missing_one_mean"),
+                     "inference ms (max device)": max(lat) if lat else None,
+                     "head ms": f.get("head_latency_ms"), "head MB": f["head_mb"],
+                     "missing devices": ", ".join(f"{m['round']}:{m['node']}" for m in r["missing"]) or "none",
+                     "original best %": orig[0], "original mean %": orig[1], "original ms": orig[2]})
+    return rows
+
+
+def device_rows(res: dict[int, dict], base: dict) -> list[dict]:
+    rows, seen = [], set()
+    for n, r in sorted(res.items()):
+        for d in r["per_device"]:
+            rows.append({"N": n, "device": d["device"], "node": d.get("node"),
+                         "classes": "-".join(map(str, d["classes"])), "own acc %": d.get("test_own_acc"),
+                         "mean acc %": d.get("test_acc"), "params": d.get("params"),
+                         "MB": d.get("file_mb"), "× base size": (d["file_mb"] / base["file_mb"]) if d.get("file_mb") else None,
+                         "latency ms": d.get("latency_ms"), "built": "reused" if d.get("reused") else ("new" if d.get("key") else "—"),
+                         "masked": d.get("masked")})
+            seen.add(d.get("key"))
+    return rows
+
+
+def _plots(out: Path, res: dict[int, dict], base: dict) -> list[str]:
+    ns = sorted(res)
+    if not ns:
+        return []
+    fig, ax = figure()
+    ax.plot(ns, [res[n]["fusion"]["test_acc"] for n in ns], "o-", label="fused (val-selected head)")
+    worst = [res[n]["fusion"].get("missing_one_worst") for n in ns]
+    ax.plot([n for n, w in zip(ns, worst) if w is not None], [w for w in worst if w is not None], "s--",
+            label="worst, one device missing")
+    ax.axhline(base["test_acc"], color="k", lw=1, label=f"base {base['test_acc']:.2f}%")
+    ax.set_xlabel("devices N")
+    ax.set_ylabel("test accuracy %")
+    ax.legend()
+    save(fig, out / "accuracy_vs_n.png")
+    fig, (a1, a2) = figure(ncols=2)
+    for n in ns:
+        devs = [d for d in res[n]["per_device"] if d.get("file_mb")]
+        a1.scatter([n] * len(devs), [d["file_mb"] for d in devs], c="C0", s=12)
+        a2.scatter([n] * len(devs), [d["latency_ms"] for d in devs], c="C1", s=12)
+    a1.axhline(base["file_mb"], color="k", lw=1, label="base")
+    a2.axhline(base["latency_ms"], color="k", lw=1, label="base")
+    a1.set(xlabel="devices N", ylabel="device model MB", yscale="log")
+    a2.set(xlabel="devices N", ylabel="device batch-1 latency ms")
+    a1.legend()
+    save(fig, out / "size_latency_vs_n.png")
+    names = list(base["test_per_class"])
+    g = json.loads((out / f"n{ns[-1]}" / "grouping.json").read_text())
+    heatmap(np.asarray(g["similarity"]), names, out / "similarity.png", "class similarity (federated statistics)")
+    return ["accuracy_vs_n.png", "size_latency_vs_n.png", "similarity.png"]
+
+
+def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
+    out = Path(out)
+    base = json.loads((out / "base_eval.json").read_text())
+    cfg = json.loads((out / "config.json").read_text())
+    res = load_results(out, devices)
+    frows, drows = fusion_rows(res), device_rows(res, base)
+    brow = [{"model": "base ResNet18", "test acc %": base["test_acc"], "latency ms": base["latency_ms"],
+             "params": base["params"], "MB": base["file_mb"]}]
+    _csv(out / "baseline.csv", brow)
+    _csv(out / "fusion.csv", frows)
+    _csv(out / "devices.csv", drows)
+    plots = _plots(out, res, base)
+    keys = {d["key"] for r in res.values() for d in r["per_device"] if d.get("key")}
+    pairs = sum(len(r["per_device"]) for r in res.values())
+    timing = [{"N": n, "wall s": t["wall_s"], **{f"{k} s": v for k, v in t["rounds"].items()}}
+              for n, t in sorted(((int(k), v) for k, v in extra.get("timings", {}).items()))]
+    md = [f"# PAPM federation report\n\nGenerated {time.strftime('%Y-%m-%d %H:%M:%S')}. All accuracies are "
+          f"on the test split ({next(iter(res.values()))['test_images'] if res else '—'} images); selection "
+          "and early stopping used the validation split only. Original figures are on lossless CIFAR-10.\n",
+          "## Baseline\n", _table(brow),
+          "\nPer-class test accuracy (%):\n", _table([{"class": "acc", **base["test_per_class"]}]),
+          "\n## Fusion by device count\n",
+          "`fused acc` is the head selected on validation. `best`/`mean` are over the fusion-head seeds "
+          f"(device models fixed; {cfg['fuse'].get('head_seeds', 1)} seeds), each measured on test. "
+          "`inference ms` is the largest per-device batch-1 latency, measured on each node.\n\n",
+          _table(frows), "\n## Per-device pruning effect and model sizes\n",
+          f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
+          "\n## Wall time per device count and round (s)\n", _table(timing),
+          "\n## Plots\n", *[f"![{p}]({p})\n" for p in plots],
+          "\n## Provenance\n", "```json\n", json.dumps({"config": cfg, **{k: v for k, v in extra.items()
+                                                                         if k != "timings"}}, indent=1,
+                                                       default=str), "\n```\n"]
+    path = out / "REPORT.md"
+    atomic_write(path, lambda p: p.write_text("".join(md)))
+    return path
+
+
+class View:
+    """One live line for the whole run: device count, round, node and ETA (rich)."""
+
+    WEIGHT = {"stats": 1, "embed": 1, "fuse": 0, "evaluate": 1}
+
+    def __init__(self, devices: list[int], cfg: dict, enabled: bool = True):
+        self.devices, self.enabled = devices, enabled
+        self.total = sum(n + 3 for n in devices)
+        self.done_units, self.last = 0.0, ""
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            self.prog = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                 TextColumn("ETA"), TimeRemainingColumn())
+            self.prog.__enter__()
+            self.task = self.prog.add_task("starting", total=self.total)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.prog.__exit__(*exc)
+        return False
+
+    def update(self, n: int, out: Path) -> None:
+        try:
+            st = json.loads((out / "progress.json").read_text())
+        except (OSError, ValueError):
+            st = {"stage": "starting Flower"}
+        rnd, done, tot = st.get("round", ""), st.get("done", 0), max(1, st.get("total", 1))
+        within = {"stats": done / tot, "prune": 1 + n * done / tot, "embed": 1 + n + done / tot,
+                  "fuse": 2 + n, "evaluate": 2 + n + done / tot}.get(rnd, 0.0)
+        text = f"N={n} · {st.get('stage', '')}" + (f" · {rnd} {done}/{tot}" if rnd else "")
+        if st.get("detail"):
+            text += f" · {st['detail'][:60]}"
+        node = _latest_node(out / "store" / "progress")
+        if rnd == "prune" and node:
+            text += f" · {node}"
+        if self.enabled:
+            self.prog.update(self.task, completed=self.done_units + within, description=text)
+        elif text != self.last:
+            print(text, flush=True)
+        self.last = text
+
+    def finished(self, n: int, res: dict) -> None:
+        self.done_units += n + 3
+        line = (f"N={n}: fused {res['fusion']['test_acc']:.2f}% (base {res['base']['test_acc']:.2f}%), "
+                f"{res['seconds']:.0f} s, missing: {len(res['missing'])}")
+        if self.enabled:
+            self.prog.update(self.task, completed=self.done_units)
+            self.prog.console.print(line)
+        else:
+            print(line, flush=True)
+
+
+def _latest_node(folder: Path) -> str:
+    best, text = 0.0, ""
+    for p in folder.glob("*.json"):
+        try:
+            s = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if s.get("stage") == "prune" and s.get("time", 0) > best:
+            best, text = s["time"], f"{s['node']} classes {s.get('classes')} epoch {s.get('epoch')}/{s.get('epochs')}"
+    return text

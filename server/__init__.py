@@ -1,0 +1,1 @@
+"""server: the Flower layer (thin over papm_core)."""

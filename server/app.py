@@ -1,0 +1,110 @@
+"""The PAPM ServerApp: loads (or trains) the base model, runs the PAPM strategy for one
+device count N, and writes ``<out>/n<N>/result.json`` atomically. Thin over papm_core.
+
+Run config (``[tool.flwr.app.config]`` in pyproject.toml; sim.py sets every key):
+``out`` the run folder, ``devices`` N, ``config`` the resolved config JSON (empty: the
+``preset``), ``base`` a checkpoint from ``papm train`` (empty: train one into
+``<out>/base.pt``), ``data`` the data source, ``store`` the simulated nodes' store.
+
+Progress goes to ``<out>/progress.json`` (what sim.py displays).
+
+Example: ``flwr run . papm-sim --run-config 'out="/abs/runs/x" devices=2'``
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from papm_core import checkpoint
+from papm_core.config import from_dict, load_all, to_dict
+from papm_core.evaluate import accuracy, latency_ms
+from papm_core.federation import server_data
+from papm_core.specialize import base_split
+from papm_core.train import train
+from papm_core.util import PapmError, file_sha256, provenance, write_json
+from strategies.papm import PapmStrategy, test_split
+
+app = ServerApp()
+
+
+def resolved_config(rc) -> dict:
+    """Every stage's settings: the file sim.py wrote, else the named preset's defaults."""
+    if str(rc.get("config", "")):
+        raw = json.loads(Path(str(rc["config"])).read_text())
+    else:
+        raw = {k: to_dict(v) for k, v in load_all(str(rc.get("preset", "auto"))).items()}
+    raw["prune"] = {**raw["prune"], "classes": [0]}  # placeholder: the grouping assigns classes
+    return {stage: from_dict(stage, raw[stage]) for stage in ("train", "prune", "fuse", "sim")}
+
+
+def ensure_base(rc, cfg: dict, out: Path, say) -> Path:
+    """The run config's base model, or one trained per the preset (kept across reruns
+    only when its training completed: a half-trained base is trained again)."""
+    if str(rc.get("base", "")):
+        return Path(str(rc["base"]))
+    path = out / "base.pt"
+    if path.is_file():
+        _, meta = checkpoint.read(path)
+        if meta["metrics"].get("complete"):
+            return path
+    tcfg = cfg["train"]
+    tcfg.out, tcfg.data = str(path), str(rc.get("data", "")) or None
+    say(stage="train base", detail=f"width {tcfg.width}, {tcfg.epochs} epochs")
+    train(tcfg, show_progress=False, log=lambda line: say(stage="train base", detail=line.strip()))
+    return path
+
+
+def base_figures(base, base_path: Path, test, out: Path, runs: int) -> dict:
+    """Test accuracy, per class, batch-1 latency, size: measured once per base (by sha256)."""
+    sha = file_sha256(base_path)
+    path = out / "base_eval.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("sha256") == sha and old.get("test_images") == len(test):
+            return old
+    acc = accuracy(base, test)
+    fig = {"sha256": sha, "path": str(base_path), "test_acc": acc.overall, "test_per_class": acc.per_class,
+           "latency_ms": latency_ms(base, runs)["median_ms"], "file_mb": checkpoint.file_mb(base_path),
+           "params": sum(p.numel() for p in base.parameters()), "test_images": len(test)}
+    write_json(path, fig)
+    return fig
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    out, n = Path(str(rc["out"])), int(rc["devices"])
+    progress = out / "progress.json"
+
+    def say(**state):
+        write_json(progress, {"devices": n, "time": time.time(), **state})
+
+    t0 = time.monotonic()
+    cfg = resolved_config(rc)
+    base_path = ensure_base(rc, cfg, out, say)
+    base, meta = checkpoint.load(base_path)
+    split = {**base_split(meta), "ref_size": cfg["prune"].ref_size}
+    ds, ref, val = server_data(str(rc.get("data", "")) or None, split)
+    if not 1 <= n <= len(ds.classes):
+        raise PapmError(f"device count {n} is outside [1, {len(ds.classes)}]")
+    base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs)
+    run_dir = out / f"n{n}"
+    cached = None
+    if (run_dir / "grouping.json").is_file():
+        g = json.loads((run_dir / "grouping.json").read_text())
+        cached = g if g.get("base_sha256") == base_fig["sha256"] else None
+    strat = PapmStrategy(n, base, base_fig["sha256"], split, ds, ref, val, cfg["prune"], cfg["fuse"],
+                         cfg["sim"], run_dir, cfg["prune"].seed,
+                         report=lambda **k: say(stage="rounds", **k))
+    result = strat.run(grid, cached)
+    result.update(base=base_fig, seconds=time.monotonic() - t0, reference_images=len(ref),
+                  validation_images=len(val), test_images=len(strat.test), split=split,
+                  config={k: to_dict(v) for k, v in cfg.items()},
+                  provenance={**provenance(), "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
+    write_json(run_dir / "result.json", result)
+    say(stage="done")

@@ -1,0 +1,195 @@
+"""Simulate the PAPM federation for every device count and compare them in one report.
+
+For each N it runs the Flower App (``server/app.py`` + ``clients/app.py``) on Flower's
+simulation runtime (Ray) with ``flwr run`` against a private SuperLink, then writes
+``REPORT.md``, CSVs and plots in the run folder. Rerun the same command after an
+interrupt (Ctrl-C or SIGKILL) and it carries on: finished device counts are skipped,
+the base model and every pruned model are reused from disk, nothing half-written is
+read back. ``--force`` redoes the device counts.
+
+Examples::
+
+    python sim.py                                  # default preset for this hardware
+    python sim.py --preset smoke --out runs/smoke  # seconds-scale check, N = 2, 3
+    python sim.py --devices 2,5,10 --base checkpoints/base.pt --params-reduction 0.77
+    python sim.py --set prune.epochs=5 --set fuse.patience=10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from papm_core.config import load_all, resolve_preset_name, to_dict  # noqa: E402
+from papm_core.grouping import parse_devices  # noqa: E402
+from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="sim.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", help="device counts: a range (2-10) or a list (2,5,10)")
+    ap.add_argument("--preset", default="auto", help="auto (full with CUDA, else quick), smoke, quick, "
+                                                     "full or a .toml file")
+    ap.add_argument("--base", help="base checkpoint from 'papm train' (default: train one)")
+    ap.add_argument("--params-reduction", type=float, help="r: pruned away share of parameters")
+    ap.add_argument("--alpha", type=float, help="PAPM weight of the normalised L2 norm term")
+    ap.add_argument("--data", help="data source (default $PAPM_DATA, else torchvision's download)")
+    ap.add_argument("--seed", type=int, help="seed of the whole run")
+    ap.add_argument("--out", help="run folder (default runs/<preset>)")
+    ap.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                    help="override any preset key, e.g. prune.epochs=5 (TOML value)")
+    ap.add_argument("--force", action="store_true", help="redo device counts that already finished")
+    ap.add_argument("--no-progress", action="store_true", help="plain lines instead of a live display")
+    return ap.parse_args(argv)
+
+
+def overrides(args) -> dict[str, dict]:
+    ov: dict[str, dict] = {"train": {}, "prune": {}, "fuse": {}, "sim": {}}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or stage not in ov:
+            raise PapmError(f"--set {item!r}: use STAGE.KEY=VALUE with STAGE in {sorted(ov)}")
+        try:
+            ov[stage][name] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            ov[stage][name] = value  # a bare word is a string
+    for stage, key, val in (("sim", "devices", args.devices), ("prune", "params_reduction", args.params_reduction),
+                            ("prune", "alpha", args.alpha)):
+        if val is not None:
+            ov[stage][key] = val
+    if args.seed is not None:
+        for stage in ("train", "prune"):
+            ov[stage]["seed"] = args.seed
+    return ov
+
+
+def resolve(args) -> tuple[dict, list[int], Path]:
+    """The resolved config of every stage, the device counts and the run folder."""
+    cfg = {k: to_dict(v) for k, v in load_all(args.preset, overrides(args)).items()}
+    cfg["prune"].pop("classes")
+    cfg["prune"]["device"] = cfg["train"]["device"] = "auto"
+    devices = parse_devices(str(cfg["sim"]["devices"]))
+    from papm_core.data import load_dataset
+    n_classes = len(load_dataset(args.data).classes)
+    bad = [n for n in devices if not 1 <= n <= n_classes]
+    if bad:
+        raise PapmError(f"device counts {bad} are outside [1, {n_classes}] (the number of classes)")
+    name = Path(args.preset).stem if args.preset.endswith(".toml") else resolve_preset_name(args.preset)
+    out = Path(args.out or ROOT / "runs" / name).resolve()
+    return cfg, devices, out
+
+
+def claim_folder(out: Path, cfg: dict, args) -> None:
+    """Write the resolved config; refuse a folder that holds a run with other settings."""
+    path = out / "config.json"
+    if path.is_file() and not args.force:
+        old = json.loads(path.read_text())
+        if {k: v for k, v in old.items() if k != "sim"} != {k: v for k, v in cfg.items() if k != "sim"}:
+            raise PapmError(f"{out} holds a run with different settings; use another --out or --force")
+    write_json(path, cfg)
+
+
+def run_one(fed, n: int, out: Path, cfg: dict, args, view) -> dict:
+    """One device count through Flower; returns its result.json (raises on failure)."""
+    run_dir = out / f"n{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = os.cpu_count() or 1
+    rc = {"out": str(out), "devices": n, "config": str(out / "config.json"),
+          "base": str(Path(args.base).resolve()) if args.base else "",
+          "data": str(Path(args.data).resolve()) if args.data and Path(args.data).exists() else (args.data or ""),
+          "store": str(out / "store"), "client-threads": int(cfg["sim"]["client_cpus"] or threads),
+          "deal-seed": int(cfg["sim"]["deal_seed"]), "git-commit": git_commit()}
+    rc.update(test_keys())
+    cpus = cfg["sim"]["client_cpus"] or threads
+    cpus = int(cpus) if float(cpus).is_integer() else float(cpus)
+    log = run_dir / "flower.log"
+    (out / "progress.json").unlink(missing_ok=True)
+    proc = fed.run(rc, n, {"client-resources-num-cpus": cpus, "init-args-num-cpus": threads}, log)
+    while proc.poll() is None:
+        view.update(n, out)
+        time.sleep(1.0)
+    result = run_dir / "result.json"
+    if not result.is_file():
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        err = next((ln.split("PapmError: ", 1)[1] for ln in reversed(lines) if "PapmError: " in ln),
+                   next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "no log"))
+        raise PapmError(f"the run for N={n} failed ({err.strip()[:200]}); see {log}")
+    return json.loads(result.read_text())
+
+
+def test_keys() -> dict:
+    """Test-only fault injection, passed through from the environment (never in presets)."""
+    keys = {}
+    if os.environ.get("PAPM_TEST_FAIL_PARTITION"):
+        p = os.environ["PAPM_TEST_FAIL_PARTITION"]
+        keys["test-fail-partition"] = -2 if p == "all" else int(p)
+        keys["test-fail-round"] = os.environ.get("PAPM_TEST_FAIL_ROUND", "prune")
+        keys["test-delay-s"] = float(os.environ.get("PAPM_TEST_DELAY_S", 0.0))
+    return keys
+
+
+def _term(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: stop what we started
+
+
+def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _term)
+    args = parse_args(argv)
+    from papm_core.report import View, write_report
+    from server.launch import Federation
+
+    try:
+        cfg, devices, out = resolve(args)
+        claim_folder(out, cfg, args)
+        view = View(devices, cfg, enabled=not args.no_progress and sys.stdout.isatty())
+        todo = [n for n in devices if args.force or not (out / f"n{n}" / "result.json").is_file()]
+        if args.force:
+            for n in todo:
+                (out / f"n{n}" / "result.json").unlink(missing_ok=True)
+        fed = Federation(out, out / "superlink.log")
+        t0 = time.monotonic()
+        timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
+        try:
+            with view:
+                if todo:
+                    fed.start()
+                for n in todo:
+                    t = time.monotonic()
+                    res = run_one(fed, n, out, cfg, args, view)
+                    timings[str(n)] = {"wall_s": time.monotonic() - t, "rounds": res.get("rounds", {})}
+                    write_json(out / "timings.json", timings)
+                    view.finished(n, res)
+        finally:
+            left = fed.stop()
+        if left:
+            print(f"sim.py: warning: {left} Flower/Ray processes did not stop", file=sys.stderr)
+        report = write_report(out, devices, {"wall_s_this_invocation": time.monotonic() - t0,
+                                             "provenance": provenance(), "timings": timings})
+        print(f"report: {report}")
+        return 0
+    except PapmError as e:
+        print(f"sim.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sim.py: interrupted; run the same command again to carry on", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    if os.environ.get("PAPM_DEBUG"):
+        sys.exit(main())
+    try:
+        sys.exit(main())
+    except Exception as e:  # one line for anything unexpected; PAPM_DEBUG=1 shows the traceback
+        print(f"sim.py: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        sys.exit(1)

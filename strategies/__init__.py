@@ -1,0 +1,1 @@
+"""strategies: the Flower layer (thin over papm_core)."""

@@ -1,0 +1,283 @@
+"""The PAPM server strategy: the federated protocol for one device count N.
+
+Rounds, each with its own timeout (``[sim]`` in the preset):
+
+1. **stats**: send the base model; nodes reply with class statistics of its predictions
+   on their validation images. The merged statistics give the grouping for N
+   (``papm_core.grouping``), the same as ``papm group`` on the same data and base model.
+2. **prune**: node i gets group i (simulation) or the group matching the classes it
+   holds (edge boxes); it prunes and fine-tunes locally and keeps the model.
+3. **embed**: nodes embed the public reference and validation sets; the server trains
+   the fusion head on them, with device dropout.
+4. **evaluate**: nodes embed the test images and time their model; the server computes
+   the fused figures, with each single device missing as well.
+
+A node that errors, replies malformed, or misses a timeout is recorded (round, device,
+node, reason) and masked from then on; the run goes on with the others. Late replies
+are never read: each round pulls only its own message ids.
+
+Example: the ServerApp (``server/app.py``) builds ``PapmStrategy(...).run(grid)``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from clients import wire
+from papm_core import checkpoint
+from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
+from papm_core.data import Dataset, Split, subsample
+from papm_core.federation import device_figures, fuse, fused_figures, match_groups, save_head, stack
+from papm_core.fusion import head_accuracy, head_latency_ms
+from papm_core.grouping import ClassStats, group_classes, merge_stats, similarity
+from papm_core.node import prune_key
+from papm_core.util import PapmError, write_json
+
+
+def test_split(ds: Dataset, sim: SimConfig) -> Split:
+    """The images reported on: the whole test split, or a seeded per-class subset."""
+    return subsample(ds.test, sim.test_per_class) if sim.test_per_class else ds.test
+
+
+@dataclass
+class RoundLog:
+    name: str
+    seconds: float = 0.0
+    missing: list[dict] = field(default_factory=list)
+    compute: dict[int, float] = field(default_factory=dict)  # device -> node's own handler time (s)
+
+
+def _reason(text: str) -> str:
+    """The node's own error message out of Flower's/Ray's wrapping, on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text or "")
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.split())[:300] or "unknown error"
+
+
+class PapmStrategy:
+    """Holds the protocol; the ServerApp only loads the base model and calls ``run``."""
+
+    def __init__(self, n: int, base: torch.nn.Module, base_sha: str, split: dict, ds: Dataset,
+                 ref: Split, val: Split, prune_cfg: PruneConfig, fuse_cfg: FuseConfig,
+                 sim: SimConfig, out: Path, seed: int, report: Callable[..., None] = lambda **k: None):
+        self.n, self.base, self.base_sha, self.split = n, base, base_sha, split
+        self.ds, self.ref, self.val = ds, ref, val
+        self.test = test_split(ds, sim)
+        self.prune_cfg, self.fuse_cfg, self.sim, self.out, self.seed = prune_cfg, fuse_cfg, sim, out, seed
+        self.report = report
+        self.rounds: list[RoundLog] = []
+        self.masked: set[int] = set()  # device indices masked so far
+
+    # --- transport --------------------------------------------------------------------
+    def _exchange(self, grid: Grid, name: str, msgs: dict[int, tuple[str, object]], timeout: float,
+                  parse: Callable[[int, Message], object]) -> dict[int, object]:
+        """Send one message per device, gather valid replies until ``timeout`` seconds."""
+        log = RoundLog(name)
+        self.rounds.append(log)
+        t0 = time.monotonic()
+        ids: dict[str, int] = {}
+        out: dict[int, object] = {}
+        for dev, (mtype, content) in msgs.items():
+            m = Message(content, self.nodes[dev], mtype, ttl=timeout)
+            ids.update({mid: dev for mid in grid.push_messages([m])})
+        pending = dict(ids)
+        self.report(round=name, done=0, total=len(msgs))
+        while pending and time.monotonic() - t0 < timeout:
+            for rep in grid.pull_messages(list(pending)):
+                dev = pending.pop(rep.metadata.reply_to_message_id, None)
+                if dev is None:
+                    continue  # not one of this round's messages: ignore
+                if rep.has_error():
+                    self._mask(log, dev, f"error: {_reason(rep.error.reason)}")
+                    continue
+                try:
+                    log.compute[dev] = float(wire.config_of(rep.content).get("compute_s", 0.0))
+                    out[dev] = parse(dev, rep)
+                except (wire.WireError, PapmError, KeyError, ValueError, TypeError) as e:
+                    self._mask(log, dev, f"malformed reply: {e}")
+                self.report(round=name, done=len(out), total=len(msgs), node=dev)
+            if pending:
+                time.sleep(0.2)
+        for dev in pending.values():
+            self._mask(log, dev, f"timeout after {timeout:.0f} s")
+        log.seconds = time.monotonic() - t0
+        return out
+
+    def _mask(self, log: RoundLog, dev: int, reason: str) -> None:
+        self.masked.add(dev)
+        log.missing.append({"round": log.name, "device": dev, "node": self.node_names.get(dev, str(self.nodes[dev])),
+                            "reason": reason})
+
+    def _live(self) -> list[int]:
+        return [d for d in range(len(self.nodes)) if d not in self.masked]
+
+    # --- protocol ---------------------------------------------------------------------
+    def wait_for_nodes(self, grid: Grid, timeout: float) -> None:
+        t0 = time.monotonic()
+        while True:
+            ids = sorted(grid.get_node_ids())
+            if len(ids) >= self.n:
+                break
+            if time.monotonic() - t0 > timeout:
+                raise PapmError(f"only {len(ids)} of {self.n} nodes connected within {timeout:.0f} s")
+            time.sleep(0.5)
+        self.nodes = ids[:self.n]
+        self.node_names = {}
+
+    def _base_msg(self, extra: dict) -> object:
+        return wire.pack({"spec": self.base.spec, "split": self.split, **extra}, wire.model_arrays(self.base))
+
+    def stats_round(self, grid: Grid, cached: dict | None) -> list[list[int]]:
+        k = len(self.ds.classes)
+        if cached:
+            msg = lambda: wire.pack({"split": self.split, "num_classes": k, "identify_only": True})  # noqa: E731
+        else:
+            msg = lambda: self._base_msg({"num_classes": k})  # noqa: E731
+        rep = self._exchange(grid, "stats", {d: ("query.stats", msg()) for d in range(len(self.nodes))},
+                             self.sim.stats_timeout, self._parse_stats(cached is not None))
+        if not rep:
+            reasons = "; ".join(f"{m['node']}: {m['reason']}" for m in self.rounds[-1].missing)
+            raise PapmError(f"no node answered the stats round ({reasons[:300]})")
+        # device order: by partition (simulation) or name (boxes), so runs are reproducible
+        order = sorted(rep, key=lambda d: (rep[d]["ident"]["partition"], rep[d]["ident"]["name"]))
+        order += [d for d in range(len(self.nodes)) if d not in rep]
+        self.nodes = [self.nodes[d] for d in order]
+        self.masked = {order.index(d) for d in self.masked}
+        for log in self.rounds:
+            for m in log.missing:
+                m["device"] = order.index(m["device"])
+        rep = {order.index(d): r for d, r in rep.items()}
+        self.node_names = {d: r["ident"]["name"] for d, r in rep.items()}
+        self.held = {d: r["ident"]["held"] for d, r in rep.items()}
+        if cached:
+            self.similarity = np.asarray(cached["similarity"])
+            groups = [list(g) for g in cached["groups"]]
+        else:
+            stats = merge_stats([r["stats"] for r in rep.values()])
+            self.similarity = similarity(stats, self.sim.grouping)
+            groups = group_classes(stats, self.n, self.sim.grouping, self.sim.max_group_size or None)
+        simulated = all(r["ident"]["simulated"] for r in rep.values())
+        assign = match_groups(groups, None if simulated else [self.held.get(d, []) for d in range(self.n)])
+        self.groups = [groups[assign[d]] for d in range(self.n)]
+        return groups
+
+    def _parse_stats(self, identify_only: bool):
+        def parse(dev, rep):
+            cfg = wire.config_of(rep.content, ("name", "partition", "held", "simulated"))
+            if identify_only:
+                return {"ident": cfg}
+            k = len(self.ds.classes)
+            arrays = [wire.array(rep.content, "count", "float64", (k,)),
+                      wire.array(rep.content, "prob_sum", "float64", (k, k)),
+                      wire.array(rep.content, "outer_sum", "float64", (k, k, k)),
+                      wire.array(rep.content, "logit_sum", "float64", (k, k))]
+            return {"ident": cfg, "stats": ClassStats(*arrays)}
+        return parse
+
+    def prune_round(self, grid: Grid) -> dict[int, dict]:
+        pub = {}
+        if self.prune_cfg.scope != "shard":
+            pub = {"ref_x": self.ref.x.numpy(), "ref_y": self.ref.y.numpy(),
+                   "val_x": self.val.x.numpy(), "val_y": self.val.y.numpy()}
+        msgs = {}
+        for d in self._live():
+            cfg = to_dict(PruneConfig(**{**to_dict(self.prune_cfg), "classes": self.groups[d]}))
+            content = wire.pack({"spec": self.base.spec, "split": self.split, "prune": cfg,
+                                 "base_sha256": self.base_sha}, {**wire.model_arrays(self.base), **pub})
+            msgs[d] = ("train.prune", content)
+            self.keys[d] = prune_key(self.base_sha, self.groups[d], cfg, self.split)
+
+        def parse(dev, rep):
+            cfg = wire.config_of(rep.content, ("report", "reused"))
+            if cfg["report"].get("key") != self.keys[dev]:
+                raise wire.WireError(f"node built model {cfg['report'].get('key')}, expected {self.keys[dev]}")
+            return cfg
+        return self._exchange(grid, "prune", msgs, self.sim.prune_timeout, parse)
+
+    def embed_round(self, grid: Grid) -> tuple[dict, dict]:
+        imgs = {"ref_x": self.ref.x.numpy(), "ref_y": self.ref.y.numpy(),
+                "val_x": self.val.x.numpy(), "val_y": self.val.y.numpy()}
+        msgs = {d: ("query.embed", wire.pack({"key": self.keys[d]}, imgs)) for d in self._live()}
+
+        def parse(dev, rep):
+            r = wire.array(rep.content, "ref_f", "float32", (len(self.ref), None))
+            v = wire.array(rep.content, "val_f", "float32", (len(self.val), r.shape[1]))
+            return r, v
+        rep = self._exchange(grid, "embed", msgs, self.sim.embed_timeout, parse)
+        return {d: r[0] for d, r in rep.items()}, {d: r[1] for d, r in rep.items()}
+
+    def evaluate_round(self, grid: Grid) -> dict[int, dict]:
+        test = self.test
+        msgs = {d: ("evaluate", wire.pack({"key": self.keys[d], "latency_runs": self.sim.latency_runs},
+                                          {"test_x": test.x.numpy(), "test_y": test.y.numpy()}))
+                for d in self._live()}
+
+        def parse(dev, rep):
+            cfg = wire.config_of(rep.content, ("latency_ms", "params", "file_mb", "sha256"))
+            cfg["features"] = wire.array(rep.content, "features", "float32", (len(test), None))
+            cfg["pred"] = wire.array(rep.content, "pred", "int64", (len(test),))
+            return cfg
+        return self._exchange(grid, "evaluate", msgs, self.sim.evaluate_timeout, parse)
+
+    def run(self, grid: Grid, cached_groups: dict | None = None, node_timeout: float = 120.0) -> dict:
+        """All four rounds for N devices; returns the N-run's result (also saved by caller)."""
+        self.keys: dict[int, str] = {}
+        self.wait_for_nodes(grid, node_timeout)
+        groups = self.stats_round(grid, cached_groups)
+        write_json(self.out / "grouping.json", {"base_sha256": self.base_sha, "groups": groups,
+                                                "similarity": self.similarity.tolist()})
+        pruned = self.prune_round(grid)
+        ref_f, val_f = self.embed_round(grid)
+        head_path = self.out / "fusion.pt"
+        self.report(round="fuse", done=0, total=1)
+        t0 = time.monotonic()
+        heads = []
+        for k in range(self.fuse_cfg.head_seeds):  # device models fixed; only the head's seed varies
+            res, order, dims = fuse(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg,
+                                    self.seed + k)
+            heads.append(res)
+        pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))  # validation picks
+        res = heads[pick]
+        devices = [{"device": d, "key": self.keys[d], "dim": dm, "classes": self.groups[d]}
+                   for d, dm in zip(order, dims)]
+        metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+                   "head_seed": self.seed + pick}
+        save_head(head_path, res.head, self.ds.classes, devices, self.fuse_cfg, metrics,
+                  {"sha256": self.base_sha, "split": self.split})
+        fuse_s = time.monotonic() - t0
+        ev = self.evaluate_round(grid)
+        y = self.test.y
+        test_f = {d: r["features"] for d, r in ev.items()}
+        fused = fused_figures(res.head, order, dims, test_f, y, self.ds.classes)
+        x, mask = stack(test_f, order, dims, len(y))
+        seed_accs = [head_accuracy(h.head, x, y, mask) for h in heads]
+        fused.update(seed_test_acc=seed_accs, seed_best=max(seed_accs), seed_mean=float(np.mean(seed_accs)),
+                     head_latency_ms=head_latency_ms(res.head, x[:1], mask[:1]))
+        per_dev = []
+        for d in range(self.n):
+            row = {"device": d, "node": self.node_names.get(d), "classes": self.groups[d] if d < len(self.groups) else [],
+                   "key": self.keys.get(d), "masked": d in self.masked}
+            if d in pruned:
+                row.update(reused=pruned[d]["reused"], **{k: pruned[d]["report"].get(k) for k in
+                                                          ("params", "reduction", "param_mb", "finetune_seconds")})
+            if d in ev:
+                e = ev[d]
+                row.update(latency_ms=e["latency_ms"], file_mb=e["file_mb"], params=e["params"],
+                           **device_figures(e["pred"], y, self.groups[d]))
+            per_dev.append(row)
+        return {"devices": self.n, "groups": self.groups, "fusion": {**metrics, **fused,
+                "head_mb": checkpoint.file_mb(head_path), "seconds": fuse_s},
+                "per_device": per_dev, "missing": [m for log in self.rounds for m in log.missing],
+                "rounds": {log.name: round(log.seconds, 2) for log in self.rounds},
+                "node_compute_s": {log.name: {self.node_names.get(d, str(d)): round(s, 3) for d, s in log.compute.items()}
+                                   for log in self.rounds}}

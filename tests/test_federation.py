@@ -1,0 +1,235 @@
+"""The Flower federation: message checks, class dealing, grouping, and sim.py end to end
+on Flower's simulation runtime (smoke preset), with a failing node, a kill and rerun,
+a failed run, bad configs, and no Flower/Ray process left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+pytest.importorskip("flwr")
+
+
+def run_sim(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "sim.py"), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
+
+
+def flower_processes(out: Path) -> list[int]:
+    """Processes whose FLWR_HOME is this run's: what sim.py started for it."""
+    needle = f"FLWR_HOME={out / '.flwr'}".encode()
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                stat = (d / "stat").read_text().split(")")[-1].split()[0]
+                if stat != "Z":
+                    pids.append(int(d.name))
+        except OSError:
+            continue
+    return pids
+
+
+# --- fast: messages, dealing, matching -----------------------------------------------------
+def test_wire_rejects_malformed_messages():
+    from clients import wire
+    from papm_core.models import build_model, resnet18_spec
+
+    ok = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.uint8),
+                                  "test_y": np.zeros(4, np.int64)})
+    x, y = wire.images(ok, "test")
+    assert x.shape == (4, 3, 32, 32) and y.dtype == np.int64
+    bad_dtype = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.float32),
+                                         "test_y": np.zeros(4, np.int64)})
+    bad_shape = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 32, 32), np.uint8),
+                                         "test_y": np.zeros(4, np.int64)})
+    bad_len = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.uint8),
+                                       "test_y": np.zeros(5, np.int64)})
+    for content, what in ((bad_dtype, "dtype"), (bad_shape, "shape"), (bad_len, "shape")):
+        with pytest.raises(wire.WireError, match=what):
+            wire.images(content, "test")
+    with pytest.raises(wire.WireError, match="lacks array"):
+        wire.images(wire.pack({"key": "k"}), "test")
+    with pytest.raises(wire.WireError, match="lacks key"):
+        wire.config_of(wire.pack({"other": 1}), ("key",))
+    old = wire.MAX_ARRAY_BYTES
+    try:
+        wire.MAX_ARRAY_BYTES = 1000
+        with pytest.raises(wire.WireError, match="exceeds"):
+            wire.images(ok, "test")
+    finally:
+        wire.MAX_ARRAY_BYTES = old
+    # a model survives the trip exactly; a wrong spec is one WireError, not a crash
+    torch.manual_seed(0)
+    model = build_model(resnet18_spec(0.125)).eval()
+    content = wire.pack({"spec": model.spec}, wire.model_arrays(model))
+    back = wire.model_from(content, model.spec)
+    xb = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(xb), back(xb))
+    with pytest.raises(wire.WireError, match="shape"):
+        wire.model_from(content, resnet18_spec(0.25))
+
+
+def test_classes_dealt_once_and_grouping_independent_of_deal(cifar):
+    from papm_core.grouping import group_classes, merge_stats
+    from papm_core.models import build_model, resnet18_spec
+    from papm_core.node import held_classes, local_data, local_stats
+
+    for n in (2, 3, 7, 10):
+        for seed in (0, 5):
+            dealt = [held_classes(10, i, n, seed) for i in range(n)]
+            assert sorted(c for d in dealt for c in d) == list(range(10))
+    assert held_classes(10, 0, 3, 0) != held_classes(10, 0, 3, 5)
+    torch.manual_seed(0)
+    base = build_model(resnet18_spec(0.125)).eval()
+    split = {"val_size": 500, "seed": 0, "per_class": 0, "ref_size": 500}
+    source = str(cifar.source)
+    groupings, stats = [], []
+    for n, seed in ((3, 0), (3, 5), (4, 1)):
+        parts = [local_stats(base, local_data(source, split, held_classes(10, i, n, seed)),
+                             held_classes(10, i, n, seed)) for i in range(n)]
+        merged = merge_stats(parts)
+        stats.append(merged)
+        groupings.append({k: group_classes(merged, k) for k in (2, 3, 5)})
+    assert all(g == groupings[0] for g in groupings)
+    assert np.allclose(stats[0].outer_sum, stats[1].outer_sum)
+    assert stats[0].count.sum() == 500
+
+
+def test_match_groups_for_boxes_and_simulation():
+    from papm_core.federation import match_groups
+
+    assert match_groups([[0, 1], [2]], None) == [0, 1]
+    # box 0 holds class 2, box 1 holds 0 and 1: each group goes to the box with its classes
+    assert match_groups([[0, 1], [2]], [[2], [0, 1]]) == [1, 0]
+
+
+def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
+    for args, msg in ((["--set", "prune.bogus=1"], "unknown key"),
+                      (["--devices", "0-3"], "outside [1, 10]"),
+                      (["--devices", "11"], "outside [1, 10]"),
+                      (["--preset", "nope"], "unknown preset"),
+                      (["--set", "noequals"], "STAGE.KEY=VALUE")):
+        r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", tmp_path / "bad", *args)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("sim.py: error:") and msg in lines[0], r.stderr
+    assert not (tmp_path / "bad" / "n2").exists()
+
+
+# --- slow: the real simulation runtime -------------------------------------------------------
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, shared_archive):
+    out = tmp_path_factory.mktemp("sim") / "smoke"
+    t0 = time.monotonic()
+    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", out)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_smoke_run_end_to_end(smoke_run):
+    out, seconds = smoke_run
+    assert seconds < 400  # the preset's budget is 3 minutes on 2 idle cores
+    for name in ("REPORT.md", "fusion.csv", "devices.csv", "baseline.csv", "accuracy_vs_n.png",
+                 "size_latency_vs_n.png", "similarity.png", "config.json", "timings.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    report = (out / "REPORT.md").read_text()
+    for section in ("## Baseline", "## Fusion by device count", "## Per-device pruning effect",
+                    "## Wall time", "## Provenance", "original best %", "Distinct pruned models built"):
+        assert section in report
+    for n in (2, 3):
+        res = json.loads((out / f"n{n}" / "result.json").read_text())
+        assert len(res["groups"]) == n and sorted(c for g in res["groups"] for c in g) == list(range(10))
+        assert res["missing"] == []
+        assert res["fusion"]["test_acc"] > 12.0  # above chance (10 %) on 1,000 test images
+        assert res["fusion"]["missing_one_worst"] is not None
+        for d in res["per_device"]:
+            assert d["reduction"] >= 0.77 and d["latency_ms"] > 0 and d["params"] > 0
+        assert res["provenance"]["git_commit"] and res["config"]["prune"]["seed"] == 0
+    assert flower_processes(out) == []
+
+
+@pytest.mark.slow
+def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archive):
+    from papm_core.grouping import run_grouping
+
+    out, _ = smoke_run
+    central = run_grouping(str(out / "base.pt"), [2, 3], str(shared_archive), out_dir=str(tmp_path))
+    for n in (2, 3):
+        fed = json.loads((out / f"n{n}" / "grouping.json").read_text())
+        assert fed["groups"] == central["groups"][str(n)]
+        assert np.allclose(fed["similarity"], central["similarity"], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_failing_node_is_masked_and_named(smoke_run, tmp_path, shared_archive):
+    out, _ = smoke_run
+    run = tmp_path / "fail"
+    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
+                "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((run / "n2" / "result.json").read_text())
+    assert [(m["round"], m["node"]) for m in res["missing"]] == [("prune", "node-1")]
+    assert "injected failure" in res["missing"][0]["reason"]
+    assert res["per_device"][1]["masked"] and not res["per_device"][0]["masked"]
+    assert res["fusion"]["test_acc"] > 0
+    assert "prune:node-1" in (run / "REPORT.md").read_text()
+    assert flower_processes(run) == []
+
+
+@pytest.mark.slow
+def test_failed_run_exits_cleanly(smoke_run, tmp_path, shared_archive):
+    out, _ = smoke_run
+    run = tmp_path / "dead"
+    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
+                "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "all",
+                                                "PAPM_TEST_FAIL_ROUND": "stats"})
+    assert r.returncode == 2
+    assert "no node answered the stats round" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert flower_processes(run) == []
+
+
+@pytest.mark.slow
+def test_kill_during_prune_then_rerun(smoke_run, tmp_path, shared_archive):
+    out, _ = smoke_run
+    run = tmp_path / "killed"
+    args = ["--preset", "smoke", "--data", str(shared_archive), "--out", str(run), "--devices", "2",
+            "--base", str(out / "base.pt")]
+    # node-1 sleeps 60 s in the prune round, so the kill lands after node-0 finished
+    env = {**os.environ, "PAPM_TEST_FAIL_PARTITION": "1", "PAPM_TEST_DELAY_S": "60"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sim.py"), "--no-progress", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = run / "store" / "pruned"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300 and not list(store.glob("*.pt")):
+        time.sleep(0.2)
+    done_before = {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt")}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(done_before) == 1, "the kill should land inside the prune round"
+    assert not (run / "n2" / "result.json").exists()
+    r = run_sim(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt") if p.name in done_before} == done_before
+    res = json.loads((run / "n2" / "result.json").read_text())
+    reused = {d["key"]: d["reused"] for d in res["per_device"]}
+    assert [reused[Path(n).stem] for n in done_before] == [True]
+    assert res["missing"] == [] and flower_processes(run) == []
+    # the uninterrupted smoke run (same base, seed and settings) gave the same figures
+    ref = json.loads((out / "n2" / "result.json").read_text())
+    assert res["groups"] == ref["groups"]
+    assert res["fusion"]["test_acc"] == ref["fusion"]["test_acc"]
+    assert [d["test_acc"] for d in res["per_device"]] == [d["test_acc"] for d in ref["per_device"]]
