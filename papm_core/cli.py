@@ -107,6 +107,7 @@ def _add_prune(sub) -> None:
             ("--calib-size", int, "training images of the device's classes for APoZ (default 1024)"),
             ("--epochs", int, "fine-tuning epochs"), ("--batch-size", int, None), ("--lr", float, None),
             ("--ref-size", int, "public reference images carved from train (default 5000)"),
+            ("--ce-weight", float, "weight of shard cross-entropy beside distillation (default 1)"),
             ("--seed", int, None)]:
         p.add_argument(name, type=typ, help=hlp)
     p.add_argument("--search", choices=["auto", "channel-rank", "threshold"],
@@ -131,7 +132,7 @@ def cmd_prune(args) -> int:
     from .util import resolve_device
 
     keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
-            "min_channels", "round_to", "calib_size", "epochs", "batch_size", "lr", "ref_size",
+            "min_channels", "round_to", "calib_size", "epochs", "batch_size", "lr", "ref_size", "ce_weight",
             "seed", "search", "criterion", "scope", "recipe", "device", "out_dir")
     cfg = load_preset(args.preset, "prune", **{k: getattr(args, k) for k in keys})
     dev = resolve_device(cfg.device)
