@@ -229,16 +229,8 @@ class PapmStrategy:
             return cfg
         return self._exchange(grid, "evaluate", msgs, self.sim.evaluate_timeout, parse)
 
-    def run(self, grid: Grid, cached_groups: dict | None = None, node_timeout: float = 120.0) -> dict:
-        """All four rounds for N devices; returns the N-run's result (also saved by caller)."""
-        self.keys: dict[int, str] = {}
-        self.wait_for_nodes(grid, node_timeout)
-        groups = self.stats_round(grid, cached_groups)
-        write_json(self.out / "grouping.json", {"base_sha256": self.base_sha, "groups": groups,
-                                                "similarity": self.similarity.tolist()})
-        pruned = self.prune_round(grid)
-        ref_f, val_f = self.embed_round(grid)
-        head_path = self.out / "fusion.pt"
+    def fuse_heads(self, ref_f: dict, val_f: dict, head_path: Path):
+        """``head_seeds`` heads on the same embeddings; validation picks one, which is saved."""
         self.report(round="fuse", done=0, total=1)
         t0 = time.monotonic()
         heads = []
@@ -246,7 +238,7 @@ class PapmStrategy:
             res, order, dims = fuse(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg,
                                     self.seed + k)
             heads.append(res)
-        pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))  # validation picks
+        pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))
         res = heads[pick]
         devices = [{"device": d, "key": self.keys[d], "dim": dm, "classes": self.groups[d]}
                    for d, dm in zip(order, dims)]
@@ -254,30 +246,48 @@ class PapmStrategy:
                    "head_seed": self.seed + pick}
         save_head(head_path, res.head, self.ds.classes, devices, self.fuse_cfg, metrics,
                   {"sha256": self.base_sha, "split": self.split})
-        fuse_s = time.monotonic() - t0
-        ev = self.evaluate_round(grid)
-        y = self.test.y
-        test_f = {d: r["features"] for d, r in ev.items()}
-        fused = fused_figures(res.head, order, dims, test_f, y, self.ds.classes)
-        x, mask = stack(test_f, order, dims, len(y))
-        seed_accs = [head_accuracy(h.head, x, y, mask) for h in heads]
-        fused.update(seed_test_acc=seed_accs, seed_best=max(seed_accs), seed_mean=float(np.mean(seed_accs)),
-                     head_latency_ms=head_latency_ms(res.head, x[:1], mask[:1]))
-        per_dev = []
+        metrics.update(head_mb=checkpoint.file_mb(head_path), seconds=time.monotonic() - t0)
+        return heads, pick, order, dims, metrics
+
+    def device_rows(self, pruned: dict, ev: dict) -> list[dict]:
+        rows = []
         for d in range(self.n):
-            row = {"device": d, "node": self.node_names.get(d), "classes": self.groups[d] if d < len(self.groups) else [],
+            row = {"device": d, "node": self.node_names.get(d),
+                   "classes": self.groups[d] if d < len(self.groups) else [],
                    "key": self.keys.get(d), "masked": d in self.masked}
             if d in pruned:
-                row.update(reused=pruned[d]["reused"], **{k: pruned[d]["report"].get(k) for k in
-                                                          ("params", "reduction", "param_mb", "finetune_seconds")})
+                rep = pruned[d]["report"]
+                row.update(reused=pruned[d]["reused"],
+                           **{k: rep.get(k) for k in ("params", "reduction", "param_mb", "finetune_seconds")})
             if d in ev:
                 e = ev[d]
                 row.update(latency_ms=e["latency_ms"], file_mb=e["file_mb"], params=e["params"],
-                           **device_figures(e["pred"], y, self.groups[d]))
-            per_dev.append(row)
-        return {"devices": self.n, "groups": self.groups, "fusion": {**metrics, **fused,
-                "head_mb": checkpoint.file_mb(head_path), "seconds": fuse_s},
-                "per_device": per_dev, "missing": [m for log in self.rounds for m in log.missing],
+                           **device_figures(e["pred"], self.test.y, self.groups[d]))
+            rows.append(row)
+        return rows
+
+    def run(self, grid: Grid, cached_groups: dict | None = None, node_timeout: float = 120.0) -> dict:
+        """All four rounds for N devices; returns the N-run's result (the caller saves it)."""
+        self.keys: dict[int, str] = {}
+        self.wait_for_nodes(grid, node_timeout)
+        groups = self.stats_round(grid, cached_groups)
+        write_json(self.out / "grouping.json", {"base_sha256": self.base_sha, "groups": groups,
+                                                "similarity": self.similarity.tolist()})
+        pruned = self.prune_round(grid)
+        ref_f, val_f = self.embed_round(grid)
+        heads, pick, order, dims, metrics = self.fuse_heads(ref_f, val_f, self.out / "fusion.pt")
+        ev = self.evaluate_round(grid)
+        y = self.test.y
+        test_f = {d: r["features"] for d, r in ev.items()}
+        fused = fused_figures(heads[pick].head, order, dims, test_f, y, self.ds.classes)
+        x, mask = stack(test_f, order, dims, len(y))
+        seed_accs = [head_accuracy(h.head, x, y, mask) for h in heads]
+        fused.update(seed_test_acc=seed_accs, seed_best=max(seed_accs), seed_mean=float(np.mean(seed_accs)),
+                     head_latency_ms=head_latency_ms(heads[pick].head, x[:1], mask[:1]))
+        compute = {log.name: {self.node_names.get(d, str(d)): round(t, 3) for d, t in log.compute.items()}
+                   for log in self.rounds}
+        return {"devices": self.n, "groups": self.groups, "fusion": {**metrics, **fused},
+                "per_device": self.device_rows(pruned, ev),
+                "missing": [m for log in self.rounds for m in log.missing],
                 "rounds": {log.name: round(log.seconds, 2) for log in self.rounds},
-                "node_compute_s": {log.name: {self.node_names.get(d, str(d)): round(s, 3) for d, s in log.compute.items()}
-                                   for log in self.rounds}}
+                "node_compute_s": compute}
