@@ -135,13 +135,18 @@ def prune(msg: Message, ctx: Context) -> Message:
                         "report": {k: report.get(k) for k in keep}}, t0=t0)
 
 
+def _stored_model(msg: Message, ctx: Context, round_name: str):
+    """(node, config, path of the pruned model the message names) for embed/evaluate."""
+    node = Node(ctx)
+    node.maybe_fail(round_name)
+    cfg = wire.config_of(msg.content, ("key",))
+    return node, cfg, find_pruned(node.store, str(cfg["key"]))
+
+
 @app.query("embed")
 def embed(msg: Message, ctx: Context) -> Message:
     t0 = time.perf_counter()
-    node = Node(ctx)
-    node.maybe_fail("embed")
-    cfg = wire.config_of(msg.content, ("key",))
-    path = find_pruned(node.store, str(cfg["key"]))
+    node, _, path = _stored_model(msg, ctx, "embed")
     out = {}
     for name in ("ref", "val"):
         x, _ = wire.images(msg.content, name)
@@ -152,10 +157,7 @@ def embed(msg: Message, ctx: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, ctx: Context) -> Message:
     t0 = time.perf_counter()
-    node = Node(ctx)
-    node.maybe_fail("evaluate")
-    cfg = wire.config_of(msg.content, ("key",))
-    path = find_pruned(node.store, str(cfg["key"]))
+    node, cfg, path = _stored_model(msg, ctx, "evaluate")
     x, _ = wire.images(msg.content, "test")
     res = evaluate_images(path, x, node.store, int(cfg.get("latency_runs", 200)))
     arrays = {"features": res.pop("features"), "pred": res.pop("pred")}

@@ -22,6 +22,14 @@ from .util import PapmError
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+def _check(cfg, checks: list[tuple[bool, str]]):
+    """Raise the first failed check's one-line message; else return ``cfg``."""
+    for ok, msg in checks:
+        if not ok:
+            raise PapmError(msg)
+    return cfg
+
+
 @dataclass
 class TrainConfig:
     """The base-model recipe: SGD+Nesterov, one-cycle LR, label smoothing, weight decay."""
@@ -51,10 +59,7 @@ class TrainConfig:
                   (0 <= self.label_smoothing < 1, "--label-smoothing must lie in [0, 1)"),
                   (0 <= self.warmup < 1, "--warmup must lie in [0, 1)"),
                   (self.per_class >= 0, "--per-class must be >= 0")]
-        for ok, msg in checks:
-            if not ok:
-                raise PapmError(msg)
-        return self
+        return _check(self, checks)
 
 
 SCOPES = ("shard", "shard+public", "all")
@@ -112,10 +117,7 @@ class PruneConfig:
                   (self.target_size_mb is None or self.target_size_mb > 0, "--target-size-mb must be positive"),
                   (len(self.classes) == len(set(self.classes)), f"duplicate class ids in {self.classes}"),
                   (bool(self.classes), "--classes is required: the device's class ids")]
-        for ok, msg in checks:
-            if not ok:
-                raise PapmError(msg)
-        return self
+        return _check(self, checks)
 
 
 @dataclass
@@ -138,10 +140,7 @@ class FuseConfig:
                   (0 <= self.device_dropout < 1, "device_dropout must lie in [0, 1)"),
                   (0 <= self.dropout < 1, "fusion dropout must lie in [0, 1)"),
                   (self.head_seeds >= 1, "head_seeds must be >= 1")]
-        for ok, msg in checks:
-            if not ok:
-                raise PapmError(msg)
-        return self
+        return _check(self, checks)
 
 
 @dataclass
@@ -166,10 +165,7 @@ class SimConfig:
                   (self.latency_runs >= 200, "latency_runs must be >= 200"),
                   (self.client_cpus >= 0, "client_cpus must be >= 0"),
                   (self.max_group_size >= 0, "max_group_size must be >= 0")]
-        for ok, msg in checks:
-            if not ok:
-                raise PapmError(msg)
-        return self
+        return _check(self, checks)
 
 
 STAGES = {"train": TrainConfig, "prune": PruneConfig, "fuse": FuseConfig, "sim": SimConfig}
