@@ -47,6 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", help="run folder (default runs/<preset>)")
     ap.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE",
                     help="override any preset key, e.g. prune.epochs=5 (TOML value)")
+    ap.add_argument("--deployment", action="store_true",
+                    help="Flower's Deployment Engine instead of the simulation runtime: a SuperLink "
+                         "and one SuperNode process per device on this machine (TLS + SuperNode auth)")
+    ap.add_argument("--insecure-plaintext", action="store_true",
+                    help="with --deployment: no TLS and no SuperNode authentication (testing only)")
+    ap.add_argument("--attach", metavar="FEDERATION",
+                    help="run on an existing federation of edge boxes (a SuperLink connection in "
+                         "$FLWR_HOME/config.toml, e.g. papm-deploy from deploy/superlink.sh); needs --base")
     ap.add_argument("--force", action="store_true", help="redo device counts that already finished")
     ap.add_argument("--no-progress", action="store_true", help="plain lines instead of a live display")
     return ap.parse_args(argv)
@@ -99,32 +107,92 @@ def claim_folder(out: Path, cfg: dict, args) -> None:
     write_json(path, cfg)
 
 
-def run_one(fed, n: int, out: Path, cfg: dict, args, view) -> dict:
-    """One device count through Flower; returns its result.json (raises on failure)."""
-    run_dir = out / f"n{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+def run_config(n: int, out: Path, cfg: dict, args, base: str = "") -> dict:
     threads = os.cpu_count() or 1
     rc = {"out": str(out), "devices": n, "config": str(out / "config.json"),
-          "base": str(Path(args.base).resolve()) if args.base else "",
+          "base": base or (str(Path(args.base).resolve()) if args.base else ""),
           "data": str(Path(args.data).resolve()) if args.data and Path(args.data).exists() else (args.data or ""),
           "store": str(out / "store"), "client-threads": int(cfg["sim"]["client_cpus"] or threads),
-          "deal-seed": int(cfg["sim"]["deal_seed"]), "git-commit": git_commit()}
+          "deal-seed": int(cfg["sim"]["deal_seed"]), "git-commit": git_commit(),
+          "engine": ("deployment: " + args.attach if args.attach else
+                     "deployment, local processes, " + ("plaintext" if args.insecure_plaintext else
+                                                        "TLS + SuperNode auth") if args.deployment
+                     else "simulation (Ray)")}
     rc.update(test_keys())
-    cpus = cfg["sim"]["client_cpus"] or threads
-    cpus = int(cpus) if float(cpus).is_integer() else float(cpus)
-    log = run_dir / "flower.log"
-    (out / "progress.json").unlink(missing_ok=True)
-    proc = fed.run(rc, n, {"client-resources-num-cpus": cpus, "init-args-num-cpus": threads}, log)
+    return rc
+
+
+def wait_result(proc, n: int, out: Path, view, log: Path) -> dict:
+    """Follow one ``flwr run`` to its end; its result.json, or a one-line error."""
     while proc.poll() is None:
         view.update(n, out)
         time.sleep(1.0)
-    result = run_dir / "result.json"
+    result = out / f"n{n}" / "result.json"
     if not result.is_file():
         lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
         err = next((ln.split("PapmError: ", 1)[1] for ln in reversed(lines) if "PapmError: " in ln),
                    next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "no log"))
         raise PapmError(f"the run for N={n} failed ({err.strip()[:200]}); see {log}")
     return json.loads(result.read_text())
+
+
+def start_n(n: int, out: Path) -> Path:
+    """The N's folder; an incomplete result of an earlier try is kept aside, not read back."""
+    run_dir = out / f"n{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    old = run_dir / "result.json"
+    if old.is_file():
+        old.replace(run_dir / "result.incomplete.json")
+    (out / "progress.json").unlink(missing_ok=True)
+    return run_dir / "flower.log"
+
+
+def run_one(fed, n: int, out: Path, cfg: dict, args, view) -> dict:
+    """One device count on the simulation runtime; returns its result (raises on failure)."""
+    log = start_n(n, out)
+    threads = os.cpu_count() or 1
+    cpus = cfg["sim"]["client_cpus"] or threads
+    cpus = int(cpus) if float(cpus).is_integer() else float(cpus)
+    proc = fed.run(run_config(n, out, cfg, args), n,
+                   {"client-resources-num-cpus": cpus, "init-args-num-cpus": threads}, log)
+    return wait_result(proc, n, out, view, log)
+
+
+def deployed_base(out: Path, args, view) -> str:
+    """The base model for a deployment: --base, else one trained here (boxes need its grouping)."""
+    if args.base:
+        return str(Path(args.base).resolve())
+    from server.app import ensure_base, resolved_config
+    rc = {"base": "", "config": str(out / "config.json"), "data": args.data or ""}
+    say = lambda **k: view.update(0, out, k)  # noqa: E731
+    return str(ensure_base(rc, resolved_config(rc), out, say))
+
+
+def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, base: str) -> dict:
+    """One device count on the Deployment Engine: SuperLink + N SuperNode processes."""
+    from server.deploy import Deployment, local_boxes
+    log = start_n(n, out)
+    signals = dict(kv.split("=", 1) for kv in os.environ.get("PAPM_TEST_BOX_SIGNAL", "").split(",") if kv)
+    boxes = local_boxes(out, Path(base), args.data, n, devices,
+                        {k: f'test-signal="{v}"' for k, v in signals.items()})
+    dep = Deployment(out, out / "creds", insecure=args.insecure_plaintext)
+    try:
+        dep.start(boxes)
+        rc = run_config(n, out, cfg, args, base)
+        rc["client-threads"] = max(1, (os.cpu_count() or 1) // n)  # the boxes share this machine
+        return wait_result(dep.run(rc, log), n, out, view, log)
+    finally:
+        if dep.stop():
+            print("sim.py: warning: some Flower processes did not stop", file=sys.stderr)
+
+
+def finished(result: Path) -> bool:
+    """A device count is done when its result exists and no device was missing from it;
+    a rerun redoes the others, reusing every device model already built (by content key)."""
+    try:
+        return not json.loads(result.read_text()).get("missing")
+    except (OSError, ValueError):
+        return False
 
 
 def test_keys() -> dict:
@@ -152,25 +220,36 @@ def main(argv=None) -> int:
         cfg, devices, out = resolve(args)
         claim_folder(out, cfg, args)
         view = View(devices, cfg, enabled=not args.no_progress and sys.stdout.isatty())
-        todo = [n for n in devices if args.force or not (out / f"n{n}" / "result.json").is_file()]
+        todo = [n for n in devices if args.force or not finished(out / f"n{n}" / "result.json")]
         if args.force:
             for n in todo:
                 (out / f"n{n}" / "result.json").unlink(missing_ok=True)
-        fed = Federation(out, out / "superlink.log")
+        if args.attach and not args.base:
+            raise PapmError("--attach needs --base: the boxes' data was cut for a known base model")
+        fed = None if args.deployment or args.attach else Federation(out, out / "superlink.log")
         t0 = time.monotonic()
         timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
         try:
             with view:
-                if todo:
+                if todo and fed:
                     fed.start()
+                base = deployed_base(out, args, view) if todo and args.deployment else ""
                 for n in todo:
                     t = time.monotonic()
-                    res = run_one(fed, n, out, cfg, args, view)
+                    if args.attach:
+                        from server.deploy import attached_run
+                        log = start_n(n, out)
+                        res = wait_result(attached_run(args.attach, run_config(n, out, cfg, args), log),
+                                          n, out, view, log)
+                    elif args.deployment:
+                        res = run_deployed(n, devices, out, cfg, args, view, base)
+                    else:
+                        res = run_one(fed, n, out, cfg, args, view)
                     timings[str(n)] = {"wall_s": time.monotonic() - t, "rounds": res.get("rounds", {})}
                     write_json(out / "timings.json", timings)
                     view.finished(n, res)
         finally:
-            left = fed.stop()
+            left = fed.stop() if fed else 0
         if left:
             print(f"sim.py: warning: {left} Flower/Ray processes did not stop", file=sys.stderr)
         report = write_report(out, devices, {"wall_s_this_invocation": time.monotonic() - t0,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -34,9 +35,9 @@ from flwr.clientapp import ClientApp
 from clients import wire
 from papm_core.config import from_dict
 from papm_core.data import Split
-from papm_core.node import (embed_images, ensure_pruned, evaluate_images, find_pruned,
+from papm_core.node import (box_classes, embed_images, ensure_pruned, evaluate_images, find_pruned,
                             held_classes, local_data, local_stats)
-from papm_core.util import atomic_write
+from papm_core.util import PapmError, atomic_write
 
 app = ClientApp()
 
@@ -56,6 +57,9 @@ class Node:
         self.fail_partition = int(rc.get("test-fail-partition", -1))
         self.fail_round = str(rc.get("test-fail-round", ""))
         self.delay = float(rc.get("test-delay-s", 0.0))
+        # test-only, edge boxes: "ROUND:SIGNAL" (e.g. "prune:KILL") signals this node's whole
+        # session (SuperNode, SuperExec, this process) when that round starts
+        self.test_signal = str(nc.get("test-signal", ""))
         threads = int(rc.get("client-threads", 0))
         if threads > 0:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
@@ -63,6 +67,11 @@ class Node:
     def maybe_fail(self, round_name: str) -> None:
         """Test-only fault injection (run config ``test-fail-partition``/``test-fail-round``;
         with ``test-delay-s`` > 0 the node sleeps that long instead of raising)."""
+        if self.test_signal.partition(":")[0] == round_name:
+            self.progress(stage="test-signal", round=round_name, signal=self.test_signal)
+            sig = getattr(signal, "SIG" + self.test_signal.partition(":")[2])
+            for group in _supernode_groups():  # ours last: SIGSTOP/SIGKILL stop this process too
+                os.killpg(group, sig)
         hit = self.fail_partition in (self.partition, -2)  # -2: every node
         if self.simulated and hit and round_name == self.fail_round:
             if self.delay > 0:  # a slow node instead of a failing one
@@ -78,6 +87,18 @@ class Node:
             atomic_write(path, lambda p: p.write_text(text))
         except OSError:
             pass  # progress is best effort; the work itself must not fail on it
+
+
+def _supernode_groups() -> list[int]:
+    """Process groups from the SuperNode down to this ClientApp process (test-only faults):
+    Flower's SuperExec starts its own session, so one group is not the whole node."""
+    groups, pid = [], os.getpid()
+    while pid > 1:
+        groups.append(os.getpgid(pid))
+        if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return list(dict.fromkeys(reversed(groups)))
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return [os.getpgid(0)]  # no SuperNode above us: never signal anything else
 
 
 def _reply(msg: Message, config: dict, arrays=None, t0: float | None = None) -> Message:
@@ -97,6 +118,8 @@ def stats(msg: Message, ctx: Context) -> Message:
     ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated}
     if node.simulated:
         held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed)
+    elif node.source and node.source.endswith(".npz"):
+        held = box_classes(node.source)
     else:
         held = sorted(set(local_data(node.source, cfg["split"]).val.y.unique().tolist()))
     if cfg.get("identify_only"):
@@ -120,6 +143,10 @@ def prune(msg: Message, ctx: Context) -> Message:
         if f"{name}_x" in (msg.content.array_records.get("arrays") or {}):
             x, y = wire.images(msg.content, name)
             public[name] = Split(name, torch.from_numpy(x), torch.from_numpy(y), [])
+    if not node.simulated and node.source and node.source.endswith(".npz"):
+        held = box_classes(node.source)
+        if not set(pcfg.classes) & set(held):
+            raise PapmError(f"{node.name} holds none of classes {pcfg.classes} (it holds {held})")
     data = local_data(node.source, cfg["split"], None if pcfg.scope == "all" else pcfg.classes)
     for s in public.values():
         s.classes = data.classes

@@ -11,6 +11,7 @@ Examples::
     papm prune --base checkpoints/base.pt --classes 3 5 --params-reduction 0.77 --epochs 20
     papm fuse --groups result/groups.json --devices 2 --threshold 77
     papm eval --split checkpoints/fusion_n2_th77.pt --base checkpoints/base.pt
+    papm shard --base checkpoints/base.pt --data /data/box0-images --out /srv/papm/box-0.npz
 """
 
 from __future__ import annotations
@@ -268,6 +269,35 @@ def _add_fuse(sub) -> None:
     p.set_defaults(func=cmd_fuse)
 
 
+def _add_shard(sub) -> None:
+    p = sub.add_parser("shard", help="make an edge box's data file for the Deployment Engine",
+                       description="Carve a data set (the whole one, or a box's own image tree "
+                                   "with class folders named as the base model's classes) by the "
+                                   "base model's split and write the box's .npz data file.")
+    p.add_argument("--base", required=True, help="the base checkpoint the federation uses")
+    p.add_argument("--data", help="image tree or archive (default $PAPM_DATA)")
+    p.add_argument("--classes", type=int, nargs="+", help="keep only these class ids (default: all)")
+    p.add_argument("--ref-size", type=int, default=5000,
+                   help="the server's public reference set size (prune.ref_size of the preset)")
+    p.add_argument("--out", required=True, help="the .npz file for the box's node config 'data'")
+    p.set_defaults(func=cmd_shard)
+
+
+def cmd_shard(args) -> int:
+    from . import checkpoint
+    from .node import make_box, read_box
+
+    if not args.out.endswith(".npz"):
+        raise PapmError(f"--out {args.out}: a box's data file must end in .npz")
+    _, meta = checkpoint.read(args.base)
+    path = make_box(Path(args.out), meta, args.data, args.classes, args.ref_size)
+    box = read_box(str(path))
+    held = sorted(set(box.private.y.tolist()))
+    print(f"wrote {path}: {len(box.private)} private + {len(box.val)} validation images of classes "
+          f"{held} ({', '.join(box.classes[c] for c in held)})")
+    return 0
+
+
 def cmd_fuse(args) -> int:
     from .grouping import read_groups
     from .system import resolve_ckpts, run_fuse
@@ -343,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_group(sub)
     _add_prune(sub)
     _add_fuse(sub)
+    _add_shard(sub)
     return p
 
 

@@ -32,7 +32,7 @@ from .evaluate import latency_ms
 from .fusion import cached_embed
 from .grouping import ClassStats, class_stats
 from .specialize import DeviceData, prune, reference_splits
-from .util import PapmError, file_sha256, write_json
+from .util import PapmError, atomic_write, file_sha256, write_json
 
 
 @dataclass
@@ -50,12 +50,89 @@ def _local(source: str | None, split_json: str) -> tuple[Dataset, Split, Split, 
     return ds, private, ref, val
 
 
+BOX_KEYS = ("private_x", "private_y", "val_x", "val_y", "class_names")
+
+
+def write_box(path: Path, private: Split, val: Split, class_names: list[str]) -> Path:
+    """An edge box's data file (``.npz``, no pickled objects): its private training images
+    and validation images as uint8 NCHW with global int64 labels, plus all class names."""
+    arrays = {"private_x": private.x.numpy(), "private_y": private.y.numpy(), "val_x": val.x.numpy(),
+              "val_y": val.y.numpy(), "class_names": np.array(class_names, dtype=str)}
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: np.savez would append .npz to a name
+            np.savez(fh, **arrays)
+    return atomic_write(Path(path), save)
+
+
+@functools.lru_cache(maxsize=2)
+def read_box(path: str) -> LocalData:
+    """A box's data file, every array checked (keys, dtype, shape, label range)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in BOX_KEYS if k not in z.files]
+            if missing:
+                raise PapmError(f"box data {path} lacks {missing}; make it with 'papm shard'")
+            a = {k: z[k] for k in BOX_KEYS}
+    except (OSError, ValueError) as e:
+        raise PapmError(f"cannot read box data {path}: {e}; make it with 'papm shard'") from e
+    names = [str(c) for c in a["class_names"]]
+    out = {}
+    for part in ("private", "val"):
+        x, y = a[f"{part}_x"], a[f"{part}_y"]
+        if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1] != 3 or y.dtype != np.int64 or y.shape != x.shape[:1]:
+            raise PapmError(f"box data {path}: {part} must be uint8 [n, 3, H, W] with int64 labels [n]")
+        if len(y) and not (0 <= y.min() and y.max() < len(names)):
+            raise PapmError(f"box data {path}: {part} labels outside 0..{len(names) - 1}")
+        out[part] = Split(part, torch.from_numpy(x), torch.from_numpy(y), names)
+    return LocalData(out["private"], out["val"], names)
+
+
 def local_data(source: str | None, split: dict, held: list[int] | None = None) -> LocalData:
-    """The node's data; ``held`` (class ids) restricts it to the classes the node holds."""
-    ds, private, _, val = _local(source, json.dumps(split, sort_keys=True))
+    """The node's data; ``held`` (class ids) restricts it to the classes the node holds.
+    A ``.npz`` source is an edge box's own data file (``write_box``); anything else is a
+    data set that the node carves exactly as the server does (simulation)."""
+    if source and str(source).endswith(".npz"):
+        box = read_box(str(source))
+        private, val, classes = box.private, box.val, box.classes
+    else:
+        ds, private, _, val = _local(source, json.dumps(split, sort_keys=True))
+        classes = ds.classes
     if held is not None:
         private, val = private.shard(held), val.shard(held)
-    return LocalData(private, val, ds.classes)
+    return LocalData(private, val, classes)
+
+
+def make_box(path: Path, base_meta: dict, data: str | None, classes: list[int] | None,
+             ref_size: int) -> Path:
+    """``papm shard``: an edge box's data file from a data set (the full one, or the box's
+    own image tree). Images are carved by the base model's split exactly as the server
+    carves its validation and public reference sets, so none of those reach a box; labels
+    become the base model's class ids (matched by class name)."""
+    from .specialize import base_split, reference_splits
+
+    names = list(base_meta.get("class_names") or [])
+    ds = load_dataset(data)
+    unknown = sorted(set(ds.classes) - set(names))
+    if unknown:
+        raise PapmError(f"classes {unknown} of {ds.source} are not classes of the base model")
+    private, _, val = reference_splits(ds, base_split(base_meta), ref_size)
+    to_base = torch.tensor([names.index(c) for c in ds.classes], dtype=torch.int64)
+    private, val = (Split(s.name, s.x, to_base[s.y], names) for s in (private, val))
+    if classes is not None:
+        bad = [c for c in classes if not 0 <= c < len(names)]
+        if bad:
+            raise PapmError(f"unknown class ids {bad}; valid ids are 0..{len(names) - 1}")
+        private, val = private.shard(classes), val.shard(classes)
+    if not len(private) or not len(val):
+        raise PapmError(f"no images of classes {classes} in {ds.source}")
+    return write_box(path, private, val, names)
+
+
+def box_classes(source: str) -> list[int]:
+    """The class ids an edge box holds: those with validation and training images."""
+    box = read_box(str(source))
+    return sorted(set(box.val.y.unique().tolist()) & set(box.private.y.unique().tolist()))
 
 
 def held_classes(num_classes: int, partition: int, partitions: int, deal_seed: int = 0) -> list[int]:

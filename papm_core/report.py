@@ -90,6 +90,20 @@ def device_rows(res: dict[int, dict], base: dict) -> list[dict]:
     return rows
 
 
+def round_rows(res: dict[int, dict]) -> list[dict]:
+    """Each round's wall time split into node compute (the slowest node's own handler
+    time) and everything else: transport, ClientApp start-up, queueing, timeouts."""
+    rows = []
+    for n, r in sorted(res.items()):
+        for name, wall in r.get("rounds", {}).items():
+            comp = r.get("node_compute_s", {}).get(name, {})
+            slowest = max(comp.values(), default=0.0)
+            rows.append({"N": n, "engine": r.get("engine", "simulation"), "round": name, "wall s": wall,
+                         "node compute s (slowest)": slowest, "other s": wall - slowest,
+                         "nodes answered": len(comp)})
+    return rows
+
+
 def _plots(out: Path, res: dict[int, dict], base: dict) -> list[str]:
     ns = sorted(res)
     if not ns:
@@ -149,6 +163,10 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
           _table(frows), "\n## Per-device pruning effect and model sizes\n",
           f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
           "\n## Wall time per device count and round (s)\n", _table(timing),
+          "\n## Rounds over the network: node compute and everything else\n",
+          "`node compute` is the slowest node's own handler time, measured on the node; `other` is "
+          "the rest of the round's wall time (transport, ClientApp start-up, queueing, waiting on a "
+          "timeout).\n\n", _table(round_rows(res)),
           "\n## Plots\n", *[f"![{p}]({p})\n" for p in plots],
           "\n## Provenance\n", "```json\n", json.dumps({"config": cfg, **{k: v for k, v in extra.items()
                                                                          if k != "timings"}}, indent=1,
@@ -182,18 +200,19 @@ class View:
             self.prog.__exit__(*exc)
         return False
 
-    def update(self, n: int, out: Path) -> None:
+    def update(self, n: int, out: Path, state: dict | None = None) -> None:
+        """Show the run's progress file (or ``state``, e.g. base training before any N)."""
         try:
-            st = json.loads((out / "progress.json").read_text())
+            st = state if state is not None else json.loads((out / "progress.json").read_text())
         except (OSError, ValueError):
             st = {"stage": "starting Flower"}
         rnd, done, tot = st.get("round", ""), st.get("done", 0), max(1, st.get("total", 1))
         within = {"stats": done / tot, "prune": 1 + n * done / tot, "embed": 1 + n + done / tot,
                   "fuse": 2 + n, "evaluate": 2 + n + done / tot}.get(rnd, 0.0)
-        text = f"N={n} · {st.get('stage', '')}" + (f" · {rnd} {done}/{tot}" if rnd else "")
+        text = (f"N={n} · " if n else "") + st.get("stage", "") + (f" · {rnd} {done}/{tot}" if rnd else "")
         if st.get("detail"):
             text += f" · {st['detail'][:60]}"
-        node = _latest_node(out / "store" / "progress")
+        node = _latest_node(out / "store")
         if rnd == "prune" and node:
             text += f" · {node}"
         if self.enabled:
@@ -213,9 +232,11 @@ class View:
             print(line, flush=True)
 
 
-def _latest_node(folder: Path) -> str:
+def _latest_node(store: Path) -> str:
+    """The node most recently at work, from the progress files of the simulated nodes'
+    store (``store/progress``) or of each box's store (``store/<box>/progress``)."""
     best, text = 0.0, ""
-    for p in folder.glob("*.json"):
+    for p in [*store.glob("progress/*.json"), *store.glob("*/progress/*.json")]:
         try:
             s = json.loads(p.read_text())
         except (OSError, ValueError):

@@ -1,11 +1,13 @@
 """Start and stop exactly the Flower processes a run needs: a SuperLink on free loopback
 ports, ``flwr run`` per device count, and a cleanup that leaves nothing behind.
 
-Every process started here carries ``PAPM_RUN_TOKEN`` in its environment; Flower's
-SuperExec, the simulation process and Ray's daemons inherit it. ``stop`` signals every
-process with the token (TERM, then KILL after a grace period), so a run stops what it
-started and nothing else. The token is also written to ``<out>/.flwr/token``: a rerun
-after a SIGKILL of sim.py first stops the processes the killed run left behind.
+Every process started here carries ``PAPM_RUN_TOKEN`` in its environment, and each
+long-lived one (SuperLink, SuperNode) leads its own session; Flower's SuperExec, the
+simulation process and Ray's daemons inherit both. ``stop`` signals every process with
+the token or in one of those sessions (TERM, then KILL after a grace period), so a run
+stops what it started and nothing else. Token and sessions are also written to
+``<out>/.flwr/token``: a rerun after a SIGKILL of sim.py first stops what the killed run
+left behind.
 
 ``FLWR_HOME`` points into the run folder, so the user's ``~/.flwr/config.toml`` cannot
 override the federation, and ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` keeps
@@ -47,35 +49,58 @@ def _bin(name: str) -> str:
     return found
 
 
-def processes_with(token: str) -> list[int]:
-    """PIDs (other than ours) whose environment carries PAPM_RUN_TOKEN=token (Linux /proc)."""
+def processes_with(token: str, sessions: frozenset[int] = frozenset()) -> dict[int, int]:
+    """{pid: session} of processes (other than ours) whose environment carries
+    PAPM_RUN_TOKEN=token, or whose session is one of ``sessions`` (Linux /proc)."""
     needle = f"PAPM_RUN_TOKEN={token}".encode()
-    pids = []
+    found = {}
     for d in Path("/proc").glob("[0-9]*"):
         try:
-            if int(d.name) != os.getpid() and needle in (d / "environ").read_bytes().split(b"\0"):
-                pids.append(int(d.name))
-        except (OSError, ValueError):
+            if int(d.name) == os.getpid():
+                continue
+            sid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[3])
+            if sid in sessions or needle in (d / "environ").read_bytes().split(b"\0"):
+                found[int(d.name)] = sid
+        except (OSError, ValueError, IndexError):
             continue  # gone, or not ours to read
-    return pids
+    return found
 
 
-def stop_token(token: str, grace: float = 5.0) -> int:
-    """TERM every process of the token, KILL what is left after ``grace`` s; returns count."""
-    pids = processes_with(token)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid in pids:
+def stop_token(token: str, sessions: frozenset[int] = frozenset(), grace: float = 5.0, quiet: float = 1.0,
+               limit: float = 30.0) -> int:
+    """TERM every process of the token or of its sessions, KILL those still alive ``grace``
+    s after their TERM; returns how many were still alive (0 on success).
+
+    Sessions matter because Ray's helpers rename themselves (setproctitle), which blanks
+    their /proc environ, and Flower's SuperExec starts a session of its own: every session
+    a token process leads is added as it is seen. The scan repeats (Ray's raylet
+    can start helpers while it is stopped) until nothing was seen for ``quiet`` s, or
+    ``limit`` s passed.
+    """
+    first_seen: dict[int, float] = {}
+    sessions = set(sessions)
+    t0 = last_seen = time.monotonic()
+    while True:
+        now = time.monotonic()
+        found = {p: s for p, s in processes_with(token, frozenset(sessions)).items() if _alive(p)}
+        # only sessions one of ours leads: `flwr run` sits in the caller's (shell's) session
+        sessions |= {s for p, s in found.items() if p == s}
+        if found:
+            last_seen = now
+        elif now - last_seen >= quiet:
+            return 0
+        if now - t0 > limit:
+            return len(found)
+        for pid in found:
+            started = first_seen.setdefault(pid, now)
             try:
-                os.kill(pid, sig)
+                if started == now:
+                    os.kill(pid, signal.SIGTERM)
+                elif now - started > grace:
+                    os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < wait:
-            pids = [p for p in processes_with(token) if _alive(p)]
-            if not pids:
-                return 0
-            time.sleep(0.2)
-    return len(pids)
+        time.sleep(0.2)
 
 
 def _alive(pid: int) -> bool:
@@ -86,25 +111,77 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class Federation:
-    """A private SuperLink (simulation runtime) and the environment for ``flwr run``."""
+class Launcher:
+    """The token, the sessions and the environment shared by every process of one run."""
 
-    def __init__(self, out: Path, log: Path):
+    def __init__(self, out: Path):
         self.home = out / ".flwr"
         self.home.mkdir(parents=True, exist_ok=True)
-        stale = self.home / "token"
-        if stale.is_file():
-            stop_token(stale.read_text().strip())  # left by a run that was killed
+        self.token_file = self.home / "token"
+        if self.token_file.is_file():  # left by a run that was killed
+            stop_token(*self._read_token())
         self.token = uuid.uuid4().hex
-        stale.write_text(self.token)
+        self.sessions: set[int] = set()
+        self._write_token()
         self.env = {**os.environ, "PAPM_RUN_TOKEN": self.token, "FLWR_HOME": str(self.home),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     # Flower starts its helpers (flower-superexec, flwr-simulation) from PATH
                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+
+    def _read_token(self) -> tuple[str, frozenset[int]]:
+        text = self.token_file.read_text().strip()
+        try:
+            d = json.loads(text)
+            return str(d["token"]), frozenset(int(s) for s in d.get("sessions", []))
+        except (ValueError, KeyError, TypeError):
+            return text, frozenset()  # the older plain-token file
+
+    def _write_token(self) -> None:
+        self.token_file.write_text(json.dumps({"token": self.token, "sessions": sorted(self.sessions)}))
+
+    def spawn(self, cmd: list[str], log: Path) -> subprocess.Popen:
+        """A long-lived process in a session of its own, recorded before it can fork."""
+        proc = subprocess.Popen(cmd, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)
+        self.sessions.add(proc.pid)
+        self._write_token()
+        return proc
+
+    def flwr_run(self, federation: str, run_config: dict, log: Path, extra: list[str] = ()) -> subprocess.Popen:
+        """``flwr run --stream`` of this app; the process ends when the run ends."""
+        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        cmd = [_bin("flwr"), "run", str(ROOT), federation, "--run-config", rc, *extra, "--stream"]
+        return subprocess.Popen(cmd, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def stop(self) -> int:
+        """Stop everything this run started; returns how many processes survived (0)."""
+        left = stop_token(self.token, frozenset(self.sessions))
+        self.sessions.clear()
+        self.token_file.unlink(missing_ok=True)
+        return left
+
+
+def wait_port(proc: subprocess.Popen, port: int, what: str, log: Path, timeout: float = 60.0) -> None:
+    """Until ``port`` on loopback accepts connections; a one-line error if ``proc`` dies."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise PapmError(f"the {what} exited with code {proc.returncode}; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise PapmError(f"the {what} did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+class Federation(Launcher):
+    """A private SuperLink with the simulation runtime, and ``flwr run`` against it."""
+
+    def __init__(self, out: Path, log: Path):
+        super().__init__(out)
         self.log = log
-        self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         port, control = free_port(), free_port()
@@ -115,49 +192,8 @@ class Federation:
         cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
                "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
                "--disable-runtime-dependency-installation"]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=open(self.log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise PapmError(f"the SuperLink exited with code {self.proc.returncode}; see {self.log}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.3)
-        raise PapmError(f"the SuperLink did not open port {port} within {timeout:.0f} s; see {self.log}")
+        wait_port(self.spawn(cmd, self.log), port, "SuperLink", self.log, timeout)
 
     def run(self, run_config: dict, num_nodes: int, federation: dict, log: Path) -> subprocess.Popen:
-        """``flwr run --stream`` of this app; the process ends when the run ends."""
-        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         fed = " ".join(f"{k}={json.dumps(v)}" for k, v in {"num-supernodes": num_nodes, **federation}.items())
-        cmd = [_bin("flwr"), "run", str(ROOT), "papm-sim", "--run-config", rc,
-               "--federation-config", fed, "--stream"]
-        return subprocess.Popen(cmd, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                                cwd=ROOT)
-
-    def status(self, run_id: int) -> str:
-        """The run's status as Flower reports it (e.g. 'finished:completed')."""
-        res = subprocess.run([_bin("flwr"), "ls", "papm-sim", "--run-id", str(run_id),
-                              "--format", "json"], env=self.env, capture_output=True, text=True,
-                             cwd=ROOT, timeout=60)
-        try:
-            runs = json.loads(res.stdout)["runs"]
-            return str(runs[0].get("status", "unknown"))
-        except (ValueError, KeyError, IndexError):
-            return "unknown"
-
-    def stop(self) -> int:
-        """Stop the SuperLink and everything it started; returns how many survived (0)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        left = stop_token(self.token)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        (self.home / "token").unlink(missing_ok=True)
-        return left
+        return self.flwr_run("papm-sim", run_config, log, ["--federation-config", fed])

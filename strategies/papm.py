@@ -252,9 +252,11 @@ class PapmStrategy:
     def device_rows(self, pruned: dict, ev: dict) -> list[dict]:
         rows = []
         for d in range(self.n):
-            row = {"device": d, "node": self.node_names.get(d),
-                   "classes": self.groups[d] if d < len(self.groups) else [],
-                   "key": self.keys.get(d), "masked": d in self.masked}
+            group = self.groups[d] if d < len(self.groups) else []
+            held = self.held.get(d, [])
+            row = {"device": d, "node": self.node_names.get(d), "classes": group, "held": held,
+                   "not_held": [c for c in group if c not in held], "key": self.keys.get(d),
+                   "masked": d in self.masked}
             if d in pruned:
                 rep = pruned[d]["report"]
                 row.update(reused=pruned[d]["reused"],

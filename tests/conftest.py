@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,3 +74,46 @@ def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "papm_core.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+# --- Flower runs: sim.py in a fresh process, and what it leaves behind ------------------------
+def run_sim(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "sim.py"), "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
+
+
+def _start_ticks(pid) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+_SESSION_START = _start_ticks("self")
+_FLOWER_NAMES = (b"ray::", b"raylet", b"gcs_server", b"flower-super", b"flwr-simulation", b"flwr run")
+
+
+def flower_processes(out: Path) -> list[str]:
+    """Live processes sim.py started for ``out`` (its FLWR_HOME in their environment), and any
+    Flower or Ray process started after this test session began: Ray's helpers rename
+    themselves (setproctitle), which blanks their environment, so they are found by name."""
+    needle = f"FLWR_HOME={out / '.flwr'}".encode()
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            ours = needle in (d / "environ").read_bytes().split(b"\0")
+            late = int(stat[19]) > _SESSION_START and any(n in cmd for n in _FLOWER_NAMES)
+            if stat[0] != "Z" and (ours or late):  # the command line makes a failure readable
+                found.append(f"{d.name} {stat[0]} {cmd.decode(errors='replace')[:120]}")
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, shared_archive):
+    out = tmp_path_factory.mktemp("sim") / "smoke"
+    t0 = time.monotonic()
+    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", out)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return out, time.monotonic() - t0

@@ -16,30 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, flower_processes, run_sim
 
 pytest.importorskip("flwr")
-
-
-def run_sim(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    full = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "sim.py"), "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
-
-
-def flower_processes(out: Path) -> list[int]:
-    """Processes whose FLWR_HOME is this run's: what sim.py started for it."""
-    needle = f"FLWR_HOME={out / '.flwr'}".encode()
-    pids = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                stat = (d / "stat").read_text().split(")")[-1].split()[0]
-                if stat != "Z":
-                    pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
 
 
 # --- fast: messages, dealing, matching -----------------------------------------------------
@@ -130,15 +109,6 @@ def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
 
 
 # --- slow: the real simulation runtime -------------------------------------------------------
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, shared_archive):
-    out = tmp_path_factory.mktemp("sim") / "smoke"
-    t0 = time.monotonic()
-    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", out)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return out, time.monotonic() - t0
-
-
 @pytest.mark.slow
 def test_smoke_run_end_to_end(smoke_run):
     out, seconds = smoke_run

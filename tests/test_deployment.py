@@ -1,0 +1,231 @@
+"""Flower's Deployment Engine on this machine: credentials, box data files, malformed
+messages, TLS and SuperNode authentication against a real SuperLink, and ``sim.py
+--deployment`` end to end (smoke preset) with a SuperNode killed during the prune round
+and another paused during the embed round; nothing is left running afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import flower_processes, run_sim
+
+pytest.importorskip("flwr")
+
+
+# --- fast ------------------------------------------------------------------------------------
+def test_credentials_are_valid_private_and_kept(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from server.creds import make_node_key, make_tls
+
+    tls = make_tls(tmp_path, ["server.lan", "127.0.0.1"])
+    cert = x509.load_pem_x509_certificate(tls["server.pem"].read_bytes())
+    ca = x509.load_pem_x509_certificate(tls["ca.crt"].read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the chain is wrong
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "server.lan" in san.get_values_for_type(x509.DNSName)
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    priv, pub = make_node_key(tmp_path, "box-0")
+    key = load_ssh_private_key(priv.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert load_ssh_public_key(pub.read_bytes()).public_numbers() == key.public_key().public_numbers()
+    for p in (priv, tls["server.key"], tls["ca.key"]):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    before = priv.read_bytes()
+    assert make_node_key(tmp_path, "box-0")[0].read_bytes() == before  # a rerun keeps deployed keys
+
+
+def test_box_data_file_roundtrip_and_rejects_bad_files(cifar, tmp_path):
+    from papm_core.node import box_classes, local_data, make_box, read_box
+
+    meta = {"class_names": cifar.classes, "config": {"val_size": 200, "seed": 0, "per_class": 40}}
+    path = make_box(tmp_path / "box.npz", meta, cifar.source, [3, 7], ref_size=50)
+    box = read_box(str(path))
+    assert box_classes(str(path)) == [3, 7] and box.classes == cifar.classes
+    # exactly what a simulated node holding classes 3 and 7 reads (same carve, same order)
+    sim = local_data(cifar.source, {"val_size": 200, "seed": 0, "per_class": 40, "ref_size": 50}, [3, 7])
+    assert torch.equal(box.private.x, sim.private.x) and torch.equal(box.val.y, sim.val.y)
+    good = dict(np.load(path))
+    bad = {"missing": {k: v for k, v in good.items() if k != "val_y"},
+           "dtype": {**good, "private_x": good["private_x"].astype(np.float32)},
+           "labels": {**good, "val_y": good["val_y"] + 100},
+           "pickle": {**good, "class_names": np.array([object()], dtype=object)}}
+    for name, arrays in bad.items():
+        p = tmp_path / f"{name}.npz"
+        np.savez(p, **arrays)
+        with pytest.raises(Exception) as e:
+            read_box(str(p))
+        assert type(e.value).__name__ == "PapmError" and "\n" not in str(e.value), name
+
+
+def test_client_handlers_reject_malformed_messages_and_keep_working(tmp_path, monkeypatch):
+    from flwr.app import Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from clients import wire
+    from clients.app import embed
+    from papm_core.models import build_model, resnet18_spec
+
+    ctx = Context(run_id=1, node_id=1, node_config={"name": "box-t", "data": str(tmp_path / "none.npz"),
+                                                    "store": str(tmp_path / "store")},
+                  state=RecordDict(), run_config={})
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what Flower's runtime sets for a ClientApp
+        monkeypatch.setattr(TaskIdentity, attr, 1, raising=False)
+    imgs = {"ref_x": np.zeros((4, 3, 32, 32), np.uint8), "ref_y": np.zeros(4, np.int64),
+            "val_x": np.zeros((4, 3, 32, 32), np.uint8), "val_y": np.zeros(4, np.int64)}
+    cases = {"missing key": wire.pack({}, imgs),
+             "wrong dtype": wire.pack({"key": "k"}, {**imgs, "ref_x": imgs["ref_x"].astype(np.float64)}),
+             "wrong shape": wire.pack({"key": "k"}, {**imgs, "val_x": np.zeros((4, 32, 32), np.uint8)}),
+             "no model": wire.pack({"key": "k"}, imgs)}
+    for what, content in cases.items():
+        with pytest.raises(Exception) as e:  # Flower turns this into an error reply
+            embed(Message(content, dst_node_id=1, message_type="query.embed"), ctx)
+        assert type(e.value).__name__ in ("WireError", "PapmError"), what
+    # the node still answers a valid message afterwards (a stored model, real embeddings)
+    from papm_core import checkpoint
+    from papm_core.node import _pruned_path
+    torch.manual_seed(0)
+    model = build_model(resnet18_spec(0.125)).eval()
+    checkpoint.save(_pruned_path(tmp_path / "store", "k"), model, kind="pruned", class_names=list("abcdefghij"))
+    rep = embed(Message(wire.pack({"key": "k"}, imgs), dst_node_id=1, message_type="query.embed"), ctx)
+    feats = wire.array(rep.content, "ref_f", "float32", (4, None))
+    assert feats.shape[1] == model.forward_features(torch.zeros(1, 3, 32, 32)).shape[1]
+
+
+def test_server_masks_malformed_replies():
+    from clients import wire
+    from strategies.papm import PapmStrategy
+
+    strat = PapmStrategy.__new__(PapmStrategy)
+    strat.ds = SimpleNamespace(classes=list("abcdefghij"))
+    parse = strat._parse_stats(identify_only=False)
+    ident = {"name": "box-0", "partition": -1, "held": [0], "simulated": False}
+    k = 10
+    good = {"count": np.ones(k), "prob_sum": np.ones((k, k)), "outer_sum": np.ones((k, k, k)),
+            "logit_sum": np.ones((k, k))}
+    assert parse(0, SimpleNamespace(content=wire.pack(ident, good)))["stats"].count.shape == (k,)
+    for bad in ({**good, "count": np.ones(k, np.float32)}, {**good, "outer_sum": np.ones((k, k))},
+                {k2: v for k2, v in good.items() if k2 != "logit_sum"}):
+        with pytest.raises(wire.WireError):
+            parse(0, SimpleNamespace(content=wire.pack(ident, bad)))
+
+
+# --- a real SuperLink: TLS and SuperNode authentication -----------------------------------------
+@pytest.mark.slow
+def test_tls_and_supernode_auth_refuse_strangers(tmp_path):
+    from server.deploy import Box, Deployment
+
+    dep = Deployment(tmp_path, tmp_path / "creds")
+    try:
+        dep.start_superlink()
+        assert "root-certificates" in (tmp_path / ".flwr" / "config.toml").read_text()
+        dep.register("box-0")
+        box = Box("box-0", tmp_path / "box.npz", tmp_path / "store")
+        dep.start_node(box)
+        from server.creds import make_node_key
+        stranger = make_node_key(tmp_path / "other", "box-9")[0]  # a valid key nobody registered
+        quick = lambda cmd: [{"20": "1", "60": "5"}.get(a, a) for a in cmd]  # noqa: E731 (give up fast)
+        intruder = dep.start_node(Box("box-9", box.data, tmp_path / "s9"), quick(dep.node_cmd(box, key=stranger)))
+        plain = dep.start_node(Box("plain", box.data, tmp_path / "sp"), quick(dep.node_cmd(box, tls=False)))
+        t0 = time.monotonic()
+        while not dep.online() and time.monotonic() - t0 < 60:
+            time.sleep(0.5)
+        assert len(dep.online()) == 1  # only the registered box
+        for proc in (intruder, plain):
+            proc.wait(timeout=120)  # both give up: refused, never connected
+            assert proc.returncode != 0
+        assert dep.superlink.poll() is None and len(dep.online()) == 1  # the federation is unaffected
+        assert "Failed to activate SuperNode" in (tmp_path / "logs" / "box-9.log").read_text()
+    finally:
+        assert dep.stop() == 0
+    assert flower_processes(tmp_path) == []
+
+
+# --- sim.py --deployment end to end ----------------------------------------------------------------
+def _deploy(out: Path, base: Path, archive: Path, devices: int, *extra: str, env=None):
+    return run_sim("--deployment", "--preset", "smoke", "--data", archive, "--out", out, "--devices", devices,
+                   "--base", base, *extra, env=env)
+
+
+@pytest.mark.slow
+def test_deployment_matches_simulation(smoke_run, tmp_path, shared_archive):
+    sim_out, _ = smoke_run
+    out = tmp_path / "dep"
+    r = _deploy(out, sim_out / "base.pt", shared_archive, 2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res, ref = (json.loads((d / "n2" / "result.json").read_text()) for d in (out, sim_out))
+    assert res["groups"] == ref["groups"] and res["missing"] == []
+    assert abs(res["fusion"]["test_acc"] - ref["fusion"]["test_acc"]) <= 2.0  # threads differ: 1 vs 2
+    assert [d["node"] for d in res["per_device"]] == ["box-0", "box-1"]
+    assert all(d["latency_ms"] > 0 for d in res["per_device"]) and "TLS" in res["engine"]
+    assert set(res["node_compute_s"]["evaluate"]) == {"box-0", "box-1"}
+    report = (out / "REPORT.md").read_text()
+    assert "## Rounds over the network" in report and "deployment" in report
+    assert "https://" in (out / "logs" / "superlink.log").read_text()  # TLS on
+    assert flower_processes(out) == []
+
+
+def _continue_when(out: Path, rounds: tuple[str, ...], stop: threading.Event) -> None:
+    """SIGCONT the run's stopped processes once the server moved on to one of ``rounds``."""
+    while not stop.is_set():
+        try:
+            if json.loads((out / "progress.json").read_text()).get("round") in rounds:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.3)
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" and \
+                    f"FLWR_HOME={out / '.flwr'}".encode() in (d / "environ").read_bytes():
+                os.kill(int(d.name), signal.SIGCONT)
+        except (OSError, ValueError):
+            continue
+
+
+@pytest.mark.slow
+def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run, tmp_path, shared_archive):
+    sim_out, _ = smoke_run
+    out = tmp_path / "faults"
+    stop = threading.Event()
+    cont = threading.Thread(target=_continue_when, args=(out, ("fuse", "evaluate"), stop), daemon=True)
+    cont.start()
+    timeouts = ("--set", "sim.prune_timeout=45", "--set", "sim.embed_timeout=25")
+    try:
+        r = _deploy(out, sim_out / "base.pt", shared_archive, 3, *timeouts,
+                    env={"PAPM_TEST_BOX_SIGNAL": "box-1=prune:KILL,box-2=embed:STOP"})
+    finally:
+        stop.set()
+        cont.join(timeout=10)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "n3" / "result.json").read_text())
+    assert [(m["round"], m["node"]) for m in res["missing"]] == [("prune", "box-1"), ("embed", "box-2")]
+    assert all("timeout" in m["reason"] for m in res["missing"])
+    assert res["fusion"]["test_acc"] > 0 and [d["masked"] for d in res["per_device"]] == [False, True, True]
+    assert set(res["node_compute_s"]["evaluate"]) == {"box-0"}  # the late embed reply changed nothing
+    report = (out / "REPORT.md").read_text()
+    assert "prune:box-1" in report and "embed:box-2" in report
+    assert flower_processes(out) == []
+    # the nodes are back: a rerun redoes only the missing work and matches the simulation
+    r = _deploy(out, sim_out / "base.pt", shared_archive, 3, *timeouts)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / "n3" / "result.json").read_text())
+    ref = json.loads((sim_out / "n3" / "result.json").read_text())
+    assert res["missing"] == [] and res["groups"] == ref["groups"]
+    assert [d["reused"] for d in res["per_device"]] == [True, False, True]
+    assert abs(res["fusion"]["test_acc"] - ref["fusion"]["test_acc"]) <= 2.0
+    assert (out / "n3" / "result.incomplete.json").is_file()
+    assert flower_processes(out) == []
