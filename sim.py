@@ -233,7 +233,12 @@ def main(argv=None) -> int:
             with view:
                 if todo and fed:
                     fed.start()
-                base = deployed_base(out, args, view) if todo and args.deployment else ""
+                base = ""
+                if todo and args.deployment:
+                    t = time.monotonic()
+                    base = deployed_base(out, args, view)
+                    if not args.base and "base_train_s" not in timings:
+                        timings["base_train_s"] = time.monotonic() - t
                 for n in todo:
                     t = time.monotonic()
                     if args.attach:

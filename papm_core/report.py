@@ -150,7 +150,7 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
     keys = {d["key"] for r in res.values() for d in r["per_device"] if d.get("key")}
     pairs = sum(len(r["per_device"]) for r in res.values())
     timing = [{"N": n, "wall s": t["wall_s"], **{f"{k} s": v for k, v in t["rounds"].items()}}
-              for n, t in sorted(((int(k), v) for k, v in extra.get("timings", {}).items()))]
+              for n, t in sorted(((int(k), v) for k, v in extra.get("timings", {}).items() if k.isdigit()))]
     md = [f"# PAPM federation report\n\nGenerated {time.strftime('%Y-%m-%d %H:%M:%S')}. All accuracies are "
           f"on the test split ({next(iter(res.values()))['test_images'] if res else '—'} images); selection "
           "and early stopping used the validation split only. Original figures are on lossless CIFAR-10.\n",

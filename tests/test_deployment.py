@@ -71,6 +71,29 @@ def test_box_data_file_roundtrip_and_rejects_bad_files(cifar, tmp_path):
         assert type(e.value).__name__ == "PapmError" and "\n" not in str(e.value), name
 
 
+def test_papm_shard_command(cifar, shared_archive, tmp_path):
+    from conftest import run_cli
+
+    from papm_core import checkpoint
+    from papm_core.models import build_model, resnet18_spec
+    from papm_core.node import read_box
+
+    base = tmp_path / "base.pt"
+    checkpoint.save(base, build_model(resnet18_spec(0.125)), kind="base", class_names=cifar.classes,
+                    config={"val_size": 200, "seed": 0, "per_class": 40})
+    r = run_cli("shard", "--base", base, "--data", shared_archive, "--classes", 1, 4, "--ref-size", 50,
+                "--out", tmp_path / "box.npz")
+    assert r.returncode == 0, r.stderr
+    box = read_box(str(tmp_path / "box.npz"))
+    assert sorted(set(box.private.y.tolist())) == [1, 4] and "automobile, deer" in r.stdout
+    assert sorted(set(box.val.y.tolist())) == [1, 4] and len(box.private) > 0
+    for bad, msg in ((["--out", tmp_path / "box.pt"], "must end in .npz"),
+                     (["--classes", 12, "--out", tmp_path / "b2.npz"], "unknown class ids")):
+        r = run_cli("shard", "--base", base, "--data", shared_archive, *bad)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "b2.npz").exists()
+
+
 def test_client_handlers_reject_malformed_messages_and_keep_working(tmp_path, monkeypatch):
     from flwr.app import Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -203,7 +226,7 @@ def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run,
     stop = threading.Event()
     cont = threading.Thread(target=_continue_when, args=(out, ("fuse", "evaluate"), stop), daemon=True)
     cont.start()
-    timeouts = ("--set", "sim.prune_timeout=45", "--set", "sim.embed_timeout=25")
+    timeouts = ("--set", "sim.prune_timeout=35", "--set", "sim.embed_timeout=20")
     try:
         r = _deploy(out, sim_out / "base.pt", shared_archive, 3, *timeouts,
                     env={"PAPM_TEST_BOX_SIGNAL": "box-1=prune:KILL,box-2=embed:STOP"})
