@@ -7,9 +7,15 @@ interrupt (Ctrl-C or SIGKILL) and it carries on: finished device counts are skip
 the base model and every pruned model are reused from disk, nothing half-written is
 read back. ``--force`` redoes the device counts.
 
+With ``--deployment`` each N runs on Flower's Deployment Engine instead: a SuperLink and
+N SuperNode processes on this machine (TLS + SuperNode authentication; see
+``server/deploy.py``); ``--attach FEDERATION`` runs on edge boxes someone else started
+(``deploy/``). Both write the same report.
+
 Examples::
 
     python sim.py                                  # default preset for this hardware
+    python sim.py --deployment --preset smoke --devices 2   # SuperLink + 2 SuperNode processes
     python sim.py --preset smoke --out runs/smoke  # seconds-scale check, N = 2, 3
     python sim.py --devices 2,5,10 --base checkpoints/base.pt --params-reduction 0.77
     python sim.py --set prune.epochs=5 --set fuse.patience=10
@@ -210,53 +216,57 @@ def _term(signum, frame):
     raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: stop what we started
 
 
+def run_counts(todo: list[int], devices: list[int], out: Path, cfg: dict, args, view, timings: dict) -> None:
+    """Every device count still to do, on the engine the flags name; timings.json after each."""
+    from server.launch import Federation
+    fed = None if args.deployment or args.attach else Federation(out, out / "superlink.log")
+    try:
+        with view:
+            if todo and fed:
+                fed.start()
+            base = ""
+            if todo and args.deployment:
+                t = time.monotonic()
+                base = deployed_base(out, args, view)
+                if not args.base and "base_train_s" not in timings:
+                    timings["base_train_s"] = time.monotonic() - t
+            for n in todo:
+                t = time.monotonic()
+                if args.attach:
+                    from server.deploy import attached_run
+                    log = start_n(n, out)
+                    res = wait_result(attached_run(args.attach, run_config(n, out, cfg, args), log), n, out, view, log)
+                elif args.deployment:
+                    res = run_deployed(n, devices, out, cfg, args, view, base)
+                else:
+                    res = run_one(fed, n, out, cfg, args, view)
+                timings[str(n)] = {"wall_s": time.monotonic() - t, "rounds": res.get("rounds", {})}
+                write_json(out / "timings.json", timings)
+                view.finished(n, res)
+    finally:
+        if fed and fed.stop():
+            print("sim.py: warning: some Flower/Ray processes did not stop", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _term)
     args = parse_args(argv)
     from papm_core.report import View, write_report
-    from server.launch import Federation
 
     try:
+        if args.attach and not args.base:
+            raise PapmError("--attach needs --base: the boxes' data was cut for a known base model")
+        if args.attach and args.deployment:
+            raise PapmError("--attach and --deployment exclude each other: attach to boxes, or start local ones")
+        if args.insecure_plaintext and not args.deployment:
+            raise PapmError("--insecure-plaintext only applies to --deployment")
         cfg, devices, out = resolve(args)
         claim_folder(out, cfg, args)
         view = View(devices, cfg, enabled=not args.no_progress and sys.stdout.isatty())
         todo = [n for n in devices if args.force or not finished(out / f"n{n}" / "result.json")]
-        if args.force:
-            for n in todo:
-                (out / f"n{n}" / "result.json").unlink(missing_ok=True)
-        if args.attach and not args.base:
-            raise PapmError("--attach needs --base: the boxes' data was cut for a known base model")
-        fed = None if args.deployment or args.attach else Federation(out, out / "superlink.log")
         t0 = time.monotonic()
         timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
-        try:
-            with view:
-                if todo and fed:
-                    fed.start()
-                base = ""
-                if todo and args.deployment:
-                    t = time.monotonic()
-                    base = deployed_base(out, args, view)
-                    if not args.base and "base_train_s" not in timings:
-                        timings["base_train_s"] = time.monotonic() - t
-                for n in todo:
-                    t = time.monotonic()
-                    if args.attach:
-                        from server.deploy import attached_run
-                        log = start_n(n, out)
-                        res = wait_result(attached_run(args.attach, run_config(n, out, cfg, args), log),
-                                          n, out, view, log)
-                    elif args.deployment:
-                        res = run_deployed(n, devices, out, cfg, args, view, base)
-                    else:
-                        res = run_one(fed, n, out, cfg, args, view)
-                    timings[str(n)] = {"wall_s": time.monotonic() - t, "rounds": res.get("rounds", {})}
-                    write_json(out / "timings.json", timings)
-                    view.finished(n, res)
-        finally:
-            left = fed.stop() if fed else 0
-        if left:
-            print(f"sim.py: warning: {left} Flower/Ray processes did not stop", file=sys.stderr)
+        run_counts(todo, devices, out, cfg, args, view, timings)
         report = write_report(out, devices, {"wall_s_this_invocation": time.monotonic() - t0,
                                              "provenance": provenance(), "timings": timings})
         print(f"report: {report}")

@@ -236,7 +236,8 @@ def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run,
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "n3" / "result.json").read_text())
     assert [(m["round"], m["node"]) for m in res["missing"]] == [("prune", "box-1"), ("embed", "box-2")]
-    assert all("timeout" in m["reason"] for m in res["missing"])
+    # a dead node: the round's timeout, or Flower's "Node Unavailable" (missed heartbeats) if sooner
+    assert all("timeout" in m["reason"] or "heartbeat" in m["reason"] for m in res["missing"])
     assert res["fusion"]["test_acc"] > 0 and [d["masked"] for d in res["per_device"]] == [False, True, True]
     assert set(res["node_compute_s"]["evaluate"]) == {"box-0"}  # the late embed reply changed nothing
     report = (out / "REPORT.md").read_text()
