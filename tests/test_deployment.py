@@ -89,7 +89,7 @@ def test_papm_shard_command(cifar, shared_archive, tmp_path):
     assert sorted(set(box.val.y.tolist())) == [1, 4] and len(box.private) > 0
     for bad, msg in ((["--out", tmp_path / "box.pt"], "must end in .npz"),
                      (["--classes", 12, "--out", tmp_path / "b2.npz"], "unknown class ids")):
-        r = run_cli("shard", "--base", base, "--data", shared_archive, *bad)
+        r = run_cli("shard", "--base", base, "--data", shared_archive, "--ref-size", 50, *bad)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "b2.npz").exists()
 
