@@ -226,7 +226,7 @@ def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run,
     stop = threading.Event()
     cont = threading.Thread(target=_continue_when, args=(out, ("fuse", "evaluate"), stop), daemon=True)
     cont.start()
-    timeouts = ("--set", "sim.prune_timeout=35", "--set", "sim.embed_timeout=20")
+    timeouts = ("--set", "sim.prune_timeout=25", "--set", "sim.embed_timeout=15")
     try:
         r = _deploy(out, sim_out / "base.pt", shared_archive, 3, *timeouts,
                     env={"PAPM_TEST_BOX_SIGNAL": "box-1=prune:KILL,box-2=embed:STOP"})
