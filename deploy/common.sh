@@ -7,5 +7,6 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # never uv-sync a fresh e
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PY:-$ROOT/.venv/bin/python}"
 BIN="$(dirname "$PY")"
+export PATH="$BIN:$PATH"  # Flower starts its helpers (flower-superexec) from PATH
 FEDERATION=papm-deploy
 die() { echo "deploy: error: $*" >&2; exit 2; }
