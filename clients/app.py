@@ -52,6 +52,7 @@ class Node:
         self.partitions = int(nc.get("num-partitions", 0))
         self.name = str(nc.get("name", f"node-{self.partition}" if self.simulated else "box"))
         self.source = str(nc.get("data", rc.get("data", ""))) or None
+        self.box = not self.simulated and bool(self.source) and self.source.endswith(".npz")  # papm shard
         self.store = Path(str(nc.get("store", rc.get("store", "")) or Path.home() / ".cache/papm/node"))
         self.deal_seed = int(rc.get("deal-seed", 0))
         self.fail_partition = int(rc.get("test-fail-partition", -1))
@@ -118,7 +119,7 @@ def stats(msg: Message, ctx: Context) -> Message:
     ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated}
     if node.simulated:
         held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed)
-    elif node.source and node.source.endswith(".npz"):
+    elif node.box:
         held = box_classes(node.source)
     else:
         held = sorted(set(local_data(node.source, cfg["split"]).val.y.unique().tolist()))
@@ -143,7 +144,7 @@ def prune(msg: Message, ctx: Context) -> Message:
         if f"{name}_x" in (msg.content.array_records.get("arrays") or {}):
             x, y = wire.images(msg.content, name)
             public[name] = Split(name, torch.from_numpy(x), torch.from_numpy(y), [])
-    if not node.simulated and node.source and node.source.endswith(".npz"):
+    if node.box:
         held = box_classes(node.source)
         if not set(pcfg.classes) & set(held):
             raise PapmError(f"{node.name} holds none of classes {pcfg.classes} (it holds {held})")

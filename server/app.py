@@ -102,8 +102,8 @@ def main(grid: Grid, context: Context) -> None:
                          cfg["sim"], run_dir, cfg["prune"].seed,
                          report=lambda **k: say(stage="rounds", **k))
     result = strat.run(grid, cached)
-    result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0, reference_images=len(ref),
-                  validation_images=len(val), test_images=len(strat.test), split=split,
+    result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0,
+                  reference_images=len(ref), validation_images=len(val), test_images=len(strat.test), split=split,
                   config={k: to_dict(v) for k, v in cfg.items()},
                   provenance={**provenance(), "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
     write_json(run_dir / "result.json", result)

@@ -15,6 +15,7 @@ Example: ``python sim.py --deployment --preset smoke --devices 2``
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from papm_core.util import PapmError
 from server.creds import make_node_key, make_tls
-from server.launch import Launcher, _bin, free_port, wait_port
+from server.launch import Launcher, _bin, flwr_run, free_port, wait_port
 
 FEDERATION = "papm-deploy"
 
@@ -159,10 +160,4 @@ def local_boxes(out: Path, base_path: Path, data: str | None, n: int, devices: l
 def attached_run(federation: str, run_config: dict, log: Path) -> subprocess.Popen:
     """``flwr run`` against a federation someone else runs (``deploy/superlink.sh``), named in
     the user's ``$FLWR_HOME/config.toml``; nothing is started or stopped here."""
-    import os
-
-    from server.launch import ROOT
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    return subprocess.Popen([_bin("flwr"), "run", str(ROOT), federation, "--run-config", rc, "--stream"],
-                            env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+    return flwr_run(federation, run_config, log, {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})

@@ -111,6 +111,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def flwr_run(federation: str, run_config: dict, log: Path, env: dict, extra: list[str] = ()) -> subprocess.Popen:
+    """``flwr run --stream`` of this app against ``federation``; it ends when the run ends."""
+    rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    cmd = [_bin("flwr"), "run", str(ROOT), federation, "--run-config", rc, *extra, "--stream"]
+    return subprocess.Popen(cmd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+
 class Launcher:
     """The token, the sessions and the environment shared by every process of one run."""
 
@@ -150,10 +157,7 @@ class Launcher:
         return proc
 
     def flwr_run(self, federation: str, run_config: dict, log: Path, extra: list[str] = ()) -> subprocess.Popen:
-        """``flwr run --stream`` of this app; the process ends when the run ends."""
-        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        cmd = [_bin("flwr"), "run", str(ROOT), federation, "--run-config", rc, *extra, "--stream"]
-        return subprocess.Popen(cmd, env=self.env, stdout=open(log, "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
+        return flwr_run(federation, run_config, log, self.env, extra)
 
     def stop(self) -> int:
         """Stop everything this run started; returns how many processes survived (0)."""

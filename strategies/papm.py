@@ -166,8 +166,8 @@ class PapmStrategy:
             stats = merge_stats([r["stats"] for r in rep.values()])
             self.similarity = similarity(stats, self.sim.grouping)
             groups = group_classes(stats, self.n, self.sim.grouping, self.sim.max_group_size or None)
-        simulated = all(r["ident"]["simulated"] for r in rep.values())
-        assign = match_groups(groups, None if simulated else [self.held.get(d, []) for d in range(self.n)])
+        self.simulated = all(r["ident"]["simulated"] for r in rep.values())
+        assign = match_groups(groups, None if self.simulated else [self.held.get(d, []) for d in range(self.n)])
         self.groups = [groups[assign[d]] for d in range(self.n)]
         return groups
 
@@ -253,7 +253,8 @@ class PapmStrategy:
         rows = []
         for d in range(self.n):
             group = self.groups[d] if d < len(self.groups) else []
-            held = self.held.get(d, [])
+            # a simulated node holds its group's shard once grouped; a box holds what it reported
+            held = group if self.simulated else self.held.get(d, [])
             row = {"device": d, "node": self.node_names.get(d), "classes": group, "held": held,
                    "not_held": [c for c in group if c not in held], "key": self.keys.get(d),
                    "masked": d in self.masked}
