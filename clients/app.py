@@ -138,7 +138,8 @@ def prune(msg: Message, ctx: Context) -> Message:
     cfg = wire.config_of(msg.content, ("spec", "split", "prune", "base_sha256"))
     node.maybe_fail("prune")
     pcfg = from_dict("prune", {**cfg["prune"], "device": "cpu" if not torch.cuda.is_available() else "cuda"})
-    base = wire.model_from(msg.content, cfg["spec"])
+    # pruning and fine-tuning run where the node's accelerator is (the data follows the model)
+    base = wire.model_from(msg.content, cfg["spec"]).to(pcfg.device)
     public = {}
     for name in ("ref", "val"):
         if f"{name}_x" in (msg.content.array_records.get("arrays") or {}):
