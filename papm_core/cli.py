@@ -52,6 +52,8 @@ def _add_train(sub) -> None:
                            ("--per-class", int, "keep only N train images per class")]:
         p.add_argument(name, type=typ, help=hlp)
     p.add_argument("--classes", type=int, nargs="+", help="train on these class ids only")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="training autocast: auto = bf16 on CUDA and AMX CPUs, else fp32")
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
     p.add_argument("--out", help="checkpoint path (default checkpoints/base.pt)")
     p.add_argument("--no-progress", action="store_true", help="print one line per epoch only")
@@ -118,6 +120,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--criterion", choices=["papm", "random"], help="random: a baseline")
     p.add_argument("--scope", choices=["shard", "shard+public", "all"], help="fine-tuning data")
     p.add_argument("--recipe", choices=["papm", "original"], help="original: only with --scope all")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="training autocast: auto = bf16 on CUDA and AMX CPUs, else fp32")
     p.add_argument("--device")
     p.add_argument("--out-dir", help="default checkpoints/")
     p.set_defaults(func=cmd_prune)
@@ -134,7 +138,7 @@ def cmd_prune(args) -> int:
 
     keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
             "min_channels", "round_to", "calib_size", "epochs", "batch_size", "lr", "ref_size", "ce_weight",
-            "seed", "search", "criterion", "scope", "recipe", "device", "out_dir")
+            "seed", "search", "criterion", "scope", "recipe", "device", "precision", "out_dir")
     cfg = load_preset(args.preset, "prune", **{k: getattr(args, k) for k in keys})
     dev = resolve_device(cfg.device)
     base, meta = checkpoint.load(args.base, dev)
@@ -190,7 +194,7 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size, lr=args.lr, width=args.width, seed=args.seed,
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       val_size=args.val_size, per_class=args.per_class, classes=args.classes,
-                      device=args.device, out=args.out)
+                      device=args.device, precision=args.precision, out=args.out)
     console = _console()
     console.print(f"[bold]papm train[/] width {cfg.width} epochs {cfg.epochs} batch {cfg.batch_size} "
                   f"lr {cfg.lr} seed {cfg.seed} -> {cfg.out}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .util import PapmError
+from .util import PRECISIONS, PapmError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -48,10 +48,12 @@ class TrainConfig:
     classes: list[int] = field(default_factory=list)  # non-empty: train on these classes only
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"          # auto | bf16 | fp32 (autocast of the training loop)
     out: str = "checkpoints/base.pt"
 
     def validate(self) -> "TrainConfig":
         checks = [(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+                  (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
                   (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
                   (self.lr > 0, f"--lr must be positive, got {self.lr}"),
                   (self.width > 0, f"--width must be positive, got {self.width}"),
@@ -94,12 +96,14 @@ class PruneConfig:
     ref_size: int = 5000             # public reference set carved from train (server-held)
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"          # auto | bf16 | fp32 (autocast of the fine-tuning loop)
     out_dir: str = "checkpoints"
 
     def validate(self) -> "PruneConfig":
         checks = [(0 < self.params_reduction < 1, f"--params-reduction must lie in (0, 1), "
                                                   f"got {self.params_reduction}"),
                   (0 <= self.alpha <= 1, f"--alpha must lie in [0, 1], got {self.alpha}"),
+                  (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
                   (self.scope in SCOPES, f"--scope must be one of {', '.join(SCOPES)}"),
                   (self.recipe in ("papm", "original"), "--recipe must be papm or original"),
                   (self.recipe == "papm" or self.scope == "all",

@@ -36,6 +36,7 @@ from .data import Split
 from .evaluate import accuracy
 from .loader import batches, num_batches
 from .train import make_optimizer
+from .util import autocast
 
 
 @dataclass
@@ -75,8 +76,8 @@ def _loss_fn(cfg: PruneConfig, base: nn.Module, own: list[int], n_classes: int, 
         if cfg.scope == "shard":
             return ce
         with torch.no_grad():
-            t = base(x)
-            t_ref = base(x_ref) if x_ref is not None else None
+            t = base(x).float()
+            t_ref = base(x_ref).float() if x_ref is not None else None
         kd = kd_loss(out, t, cfg.kd_temperature)
         if out_ref is not None:
             kd = (kd * len(out) + kd_loss(out_ref, t_ref, cfg.kd_temperature) * len(out_ref)) / (
@@ -101,7 +102,12 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
     loss_fn = _loss_fn(cfg, base, own, base.linear.out_features, dev)
     ref_iter = _cycle(ref, cfg.batch_size, gen) if cfg.scope == "shard+public" and ref is not None else None
     model = model.to(memory_format=torch.channels_last)
-    best = {"val": accuracy(model, sel_val).overall, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+
+    def val_acc() -> float:  # selection only, so the training precision is precise enough
+        with autocast(dev, cfg.precision):
+            return accuracy(model, sel_val).overall
+
+    best = {"val": val_acc(), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
     history = [{"epoch": 0, "val_acc": best["val"]}]
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -109,23 +115,23 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
         tot, seen = 0.0, 0
         for x, y in batches(primary, cfg.batch_size, train=True, gen=gen, channels_last=True,
                             order=order):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            with autocast(dev, cfg.precision):
                 if ref_iter is not None:
                     x_ref, _ = next(ref_iter)
-                    out_all = model(torch.cat([x, x_ref]))
+                    out_all = model(torch.cat([x, x_ref])).float()
                     loss = loss_fn(out_all[:len(x)], y, x, out_all[len(x):], x_ref)
                 else:
-                    loss = loss_fn(model(x), y, x)
+                    loss = loss_fn(model(x).float(), y, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             tot, seen = tot + loss.detach() * len(y), seen + len(y)
-        val_acc = accuracy(model, sel_val).overall
-        history.append({"epoch": epoch, "loss": float(tot / max(seen, 1)), "val_acc": val_acc})
+        acc = val_acc()
+        history.append({"epoch": epoch, "loss": float(tot / max(seen, 1)), "val_acc": acc})
         if on_epoch:
             on_epoch(history[-1])
-        if val_acc >= best["val"]:
-            best = {"val": val_acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        if acc >= best["val"]:
+            best = {"val": acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best["state"])
     return FinetuneResult(model.eval(), best["val"], best["epoch"], history)

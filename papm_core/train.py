@@ -1,9 +1,10 @@
 """Train the base classifier centrally: ``train(cfg) -> TrainResult``.
 
 Recipe: SGD with Nesterov momentum, a one-cycle (linear up, linear down) LR per step,
-label smoothing and weight decay (not on BN/bias). bf16 autocast and channels_last on
-CUDA, fp32 on CPU. Selection is on the validation split carved from train; the test
-split is evaluated once, at the end, for reporting only.
+label smoothing and weight decay (not on BN/bias). channels_last; bf16 autocast on CUDA
+and on CPUs with AMX, fp32 elsewhere (``--precision``); losses in fp32. Selection is on
+the validation split carved from train; the test split is evaluated once, at the end,
+for reporting only.
 
 Example: ``papm train --width 0.25 --epochs 10 --batch-size 256 --lr 0.2 --data ../shared/data/cifar10-jpeg75.tar.xz``
 """
@@ -26,7 +27,7 @@ from .data import Split, carve, load_dataset
 from .evaluate import accuracy
 from .loader import batches, num_batches
 from .models import build_model, count_params, resnet18_spec
-from .util import resolve_device, seed_everything, write_json
+from .util import autocast, resolve_device, seed_everything, write_json
 
 
 @dataclass
@@ -64,8 +65,8 @@ def train_epoch(model, opt, sched, split: Split, cfg: TrainConfig, gen, prog, ta
     tot_loss, tot_ok, seen, t0 = torch.zeros((), device=dev), torch.zeros((), device=dev), 0, time.perf_counter()
     for x, y in batches(split, cfg.batch_size, train=True, gen=gen, channels_last=channels_last,
                         drop_last=True):
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = model(x)
+        with autocast(dev, cfg.precision):
+            out = model(x).float()
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -121,7 +122,8 @@ def train(cfg: TrainConfig, show_progress: bool = True, log=print) -> TrainResul
             task = prog.add_task(f"epoch {epoch}/{cfg.epochs}", total=len(train_s), loss=0.0,
                                  acc=0.0, ips=0.0) if prog else None
             stats = train_epoch(model, opt, sched, train_s, cfg, gen, prog, task, channels_last)
-            stats["val_acc"] = accuracy(model, val_s, channels_last=channels_last).overall
+            with autocast(device, cfg.precision):  # selection only; the test figure below is fp32
+                stats["val_acc"] = accuracy(model, val_s, channels_last=channels_last).overall
             stats["epoch"] = epoch
             history.append(stats)
             if prog:

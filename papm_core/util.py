@@ -108,6 +108,26 @@ def resolve_device(name: str | None = "auto") -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def use_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """Whether training loops run under bf16 autocast. ``auto``: on CUDA, and on CPUs with
+    AMX bf16 matrix units (there a width-0.25 training step is ~2x faster than fp32,
+    measured on the 2-core dev box); fp32 on other CPUs, where bf16 is emulated and slower."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16" or device.type == "cuda":
+        return True
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The training-loop autocast context for ``precision`` on ``device``."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
+
+
 def seed_everything(seed: int) -> None:
     import random
     import numpy as np
