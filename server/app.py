@@ -24,6 +24,7 @@ from papm_core import checkpoint
 from papm_core.config import from_dict, load_all, to_dict
 from papm_core.evaluate import accuracy, latency_ms
 from papm_core.federation import server_data
+from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.specialize import base_split
 from papm_core.train import train
 from papm_core.util import PapmError, file_sha256, provenance, write_json
@@ -75,6 +76,26 @@ def base_figures(base, base_path: Path, test, out: Path, runs: int) -> dict:
     return fig
 
 
+def cached_grouping(run_dir: Path, stats_path: Path | None, key: dict, n: int, sim) -> dict | None:
+    """This N's grouping from an interrupted try; else groups from the class statistics an
+    earlier device count of this simulation uploaded (``stats_path``). Merged statistics
+    are an exact sum over every node's private images, so they depend neither on N nor on
+    how classes were dealt to nodes: the stats round then only identifies the nodes. Real
+    boxes (``stats_path`` None) upload their statistics for every N: their data may change."""
+    g_path = run_dir / "grouping.json"
+    if g_path.is_file():
+        g = json.loads(g_path.read_text())
+        if g.get("base_sha256") == key["base_sha256"]:
+            return g
+    if stats_path is not None and stats_path.is_file():
+        cache = json.loads(stats_path.read_text())
+        if cache.get("key") == key:
+            stats = ClassStats.from_dict(cache["stats"])
+            return {"groups": group_classes(stats, n, sim.grouping, sim.max_group_size or None),
+                    "similarity": similarity(stats, sim.grouping).tolist()}
+    return None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
@@ -94,14 +115,16 @@ def main(grid: Grid, context: Context) -> None:
         raise PapmError(f"device count {n} is outside [1, {len(ds.classes)}]")
     base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs)
     run_dir = out / f"n{n}"
-    cached = None
-    if (run_dir / "grouping.json").is_file():
-        g = json.loads((run_dir / "grouping.json").read_text())
-        cached = g if g.get("base_sha256") == base_fig["sha256"] else None
+    simulated = str(rc.get("engine", "simulation")).startswith("simulation")
+    stats_key = {"base_sha256": base_fig["sha256"], "split": split, "data": str(rc.get("data", ""))}
+    cached = cached_grouping(run_dir, out / "class_stats.json" if simulated else None, stats_key, n,
+                             cfg["sim"])
     strat = PapmStrategy(n, base, base_fig["sha256"], split, ds, ref, val, cfg["prune"], cfg["fuse"],
                          cfg["sim"], run_dir, cfg["prune"].seed,
                          report=lambda **k: say(stage="rounds", **k))
     result = strat.run(grid, cached)
+    if simulated and strat.stats is not None:
+        write_json(out / "class_stats.json", {"key": stats_key, "stats": strat.stats.to_dict()})
     result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0,
                   reference_images=len(ref), validation_images=len(val), test_images=len(strat.test), split=split,
                   config={k: to_dict(v) for k, v in cfg.items()},

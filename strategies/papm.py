@@ -77,6 +77,7 @@ class PapmStrategy:
         self.report = report
         self.rounds: list[RoundLog] = []
         self.masked: set[int] = set()  # device indices masked so far
+        self.stats: ClassStats | None = None  # merged class statistics, when uploaded this run
 
     # --- transport --------------------------------------------------------------------
     def _exchange(self, grid: Grid, name: str, msgs: dict[int, tuple[str, object]], timeout: float,
@@ -163,7 +164,7 @@ class PapmStrategy:
             self.similarity = np.asarray(cached["similarity"])
             groups = [list(g) for g in cached["groups"]]
         else:
-            stats = merge_stats([r["stats"] for r in rep.values()])
+            stats = self.stats = merge_stats([r["stats"] for r in rep.values()])
             self.similarity = similarity(stats, self.sim.grouping)
             groups = group_classes(stats, self.n, self.sim.grouping, self.sim.max_group_size or None)
         self.simulated = all(r["ident"]["simulated"] for r in rep.values())

@@ -40,3 +40,25 @@ def test_same_seed_same_weights(shared_archive, cifar, tmp_path):
     sa, sb, sc = (m.model.state_dict() for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_precision_choice():
+    from papm_core.util import PapmError, use_bf16
+
+    cpu = torch.device("cpu")
+    assert not use_bf16(cpu, "fp32") and use_bf16(cpu, "bf16")
+    assert use_bf16(torch.device("cuda"), "auto") and not use_bf16(torch.device("cuda"), "fp32")
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert use_bf16(cpu, "auto") == amx  # bf16 only where the CPU has matrix units for it
+    with pytest.raises(PapmError, match="--precision must be one of"):
+        load_preset("quick", "train", precision="fp16").validate()
+
+
+def test_precision_is_deterministic_and_takes_effect(shared_archive, cifar, tmp_path):
+    """Each precision repeats itself exactly; bf16 and fp32 give different weights."""
+    kw = dict(per_class=60, epochs=1, val_size=20, width=0.125)
+    runs = {name: train(_cfg(shared_archive, tmp_path / name, precision=p, **kw), show_progress=False,
+                        log=lambda *_: None).model.state_dict()
+            for name, p in (("bf", "bf16"), ("bf2", "bf16"), ("fp", "fp32"))}
+    assert all(torch.equal(runs["bf"][k], runs["bf2"][k]) for k in runs["bf"])
+    assert not all(torch.equal(runs["bf"][k], runs["fp"][k]) for k in runs["bf"])
