@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${BASE:?set BASE to a base checkpoint}" "${GROUPS:?set GROUPS, e.g. \"0 1 8 9|2 3 4 5 6 7\"}"
 PY=${PY:-.venv/bin/python}
+PRESET=${PRESET:-quick}
 OUT=${OUT:-runs/device-recipe}
 mkdir -p "$OUT"
 IFS='|' read -r -a groups <<< "$GROUPS"
@@ -25,7 +26,7 @@ for variant in "$@"; do
     ckpts=() device_acc=()
     for g in "${groups[@]}"; do
         # shellcheck disable=SC2086  # the variant and the group are word lists on purpose
-        log=$($PY -m papm_core.cli prune --base "$BASE" --preset quick --classes $g --out-dir "$dir" $variant)
+        log=$($PY -m papm_core.cli prune --base "$BASE" --preset "$PRESET" --classes $g --out-dir "$dir" $variant)
         ckpts+=("$(echo "$log" | sed -n 's/^saved \(.*\.pt\) and .*/\1/p')")
         device_acc+=("$(echo "$log" | sed -n 's/^test accuracy: all classes \([0-9.]*\)%.*/\1/p')")
     done

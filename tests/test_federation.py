@@ -61,7 +61,7 @@ def test_wire_rejects_malformed_messages():
         wire.model_from(content, resnet18_spec(0.25))
 
 
-def test_classes_dealt_once_and_grouping_independent_of_deal(cifar):
+def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
     from papm_core.grouping import group_classes, merge_stats
     from papm_core.models import build_model, resnet18_spec
     from papm_core.node import held_classes, local_data, local_stats
@@ -84,6 +84,30 @@ def test_classes_dealt_once_and_grouping_independent_of_deal(cifar):
         groupings.append({k: group_classes(merged, k) for k in (2, 3, 5)})
     assert all(g == groupings[0] for g in groupings)
     assert np.allclose(stats[0].outer_sum, stats[1].outer_sum)
+    _stats_reused_across_device_counts(stats[0], tmp_path)
+
+
+def _stats_reused_across_device_counts(merged, tmp_path):
+    """A later N of a simulation groups from the statistics an earlier N uploaded (saved as
+    JSON, read back exactly); another base or split ignores them; a retried N keeps its own."""
+    from papm_core.config import SimConfig
+    from papm_core.grouping import group_classes, similarity
+    from papm_core.util import write_json
+    from server.app import cached_grouping
+
+    key = {"base_sha256": "abc", "split": {"seed": 0}, "data": "d"}
+    write_json(tmp_path / "class_stats.json", {"key": key, "stats": merged.to_dict()})
+    for k in (2, 3, 5):
+        got = cached_grouping(tmp_path / f"n{k}", tmp_path / "class_stats.json", key, k, SimConfig())
+        assert got["groups"] == group_classes(merged, k)
+        assert np.array_equal(got["similarity"], similarity(merged))
+    other = {**key, "base_sha256": "def"}
+    assert cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", other, 2, SimConfig()) is None
+    assert cached_grouping(tmp_path / "n2", None, key, 2, SimConfig()) is None  # real boxes: always upload
+    write_json(tmp_path / "n2" / "grouping.json",
+               {"base_sha256": "abc", "groups": [[0], [1]], "similarity": []})
+    retried = cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", key, 2, SimConfig())
+    assert retried["groups"] == [[0], [1]]
     assert stats[0].count.sum() == 500
 
 
