@@ -84,6 +84,7 @@ def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
         groupings.append({k: group_classes(merged, k) for k in (2, 3, 5)})
     assert all(g == groupings[0] for g in groupings)
     assert np.allclose(stats[0].outer_sum, stats[1].outer_sum)
+    assert stats[0].count.sum() == 500
     _stats_reused_across_device_counts(stats[0], tmp_path)
 
 
@@ -108,7 +109,6 @@ def _stats_reused_across_device_counts(merged, tmp_path):
                {"base_sha256": "abc", "groups": [[0], [1]], "similarity": []})
     retried = cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", key, 2, SimConfig())
     assert retried["groups"] == [[0], [1]]
-    assert stats[0].count.sum() == 500
 
 
 def test_match_groups_for_boxes_and_simulation():
