@@ -7,16 +7,16 @@
 #
 # Example (the quick base, the quick run's N = 2 groups; one variant per argument):
 #   PAPM_DATA=../shared/data/cifar10-jpeg75.tar.xz BASE=runs/quick/base.pt \
-#   GROUPS="0 1 8 9|2 3 4 5 6 7" bash benchmarks/device_recipe.sh \
+#   CLASS_GROUPS="0 1 8 9|2 3 4 5 6 7" bash benchmarks/device_recipe.sh \
 #     "--round-to 1 --epochs 2 --lr 0.05" "--round-to 8 --epochs 3 --lr 0.2"
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${BASE:?set BASE to a base checkpoint}" "${GROUPS:?set GROUPS, e.g. \"0 1 8 9|2 3 4 5 6 7\"}"
+: "${BASE:?set BASE to a base checkpoint}" "${CLASS_GROUPS:?set CLASS_GROUPS, e.g. \"0 1 8 9|2 3 4 5 6 7\"}"
 PY=${PY:-.venv/bin/python}
 PRESET=${PRESET:-quick}
 OUT=${OUT:-runs/device-recipe}
 mkdir -p "$OUT"
-IFS='|' read -r -a groups <<< "$GROUPS"
+IFS='|' read -r -a groups <<< "$CLASS_GROUPS"
 echo "| variant | prune s | device all-class test % | fused val % (seeds 0, 1) | fused test % (seeds 0, 1) |"
 echo "|---|---|---|---|---|"
 for variant in "$@"; do
