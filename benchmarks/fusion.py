@@ -6,7 +6,16 @@ the same name), trains the fusion head and evaluates it in split mode with the b
 model in the same run. Recipes: ``default`` (PAPM, scope shard+public) and ``original``
 (scope all, the original's sampling and class weights; the original fusion settings).
 
-Example: ``python benchmarks/fusion.py --base runs/q/base.pt --groups runs/g/groups.json --devices 2 5 10 --epochs 3``
+With ``--preset quick`` every device fine-tunes with that preset's settings (epochs, lr,
+batch size, widths in multiples of 8, distillation weight, precision) and the default
+recipe's head uses the preset's ``[fuse]`` table; ``original`` keeps the original's head
+settings. Explicit ``--epochs``/``--lr``/``--batch-size``/``--ce-weight`` win over both.
+
+Examples::
+
+    python benchmarks/fusion.py --base runs/q/base.pt --groups runs/g/groups.json --devices 2 5 10 --epochs 3
+    python benchmarks/fusion.py --base runs/quick/base.pt --groups runs/quick/n2/grouping.json \
+        --devices 2 --preset quick --seed 1
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import json
 from pathlib import Path
 
 from papm_core import checkpoint
-from papm_core.config import PruneConfig
+from papm_core.config import PruneConfig, load_preset
 from papm_core.data import load_dataset
 from papm_core.grouping import read_groups
 from papm_core.specialize import (base_split, device_data, output_name, prune, save_result,
@@ -31,9 +40,13 @@ def ensure_device(group, recipe, args, base, meta, ds, out_dir: Path) -> Path:
     path = out_dir / f"{output_name(group, args.r)}.pt"
     if path.is_file():
         return path
-    extra = dict(ce_weight=args.ce_weight) if recipe == "default" else {}
-    cfg = PruneConfig(classes=group, params_reduction=args.r, epochs=args.epochs, lr=args.lr,
-                      batch_size=args.batch_size, seed=args.seed, **RECIPES[recipe], **extra).validate()
+    cfg = PruneConfig() if args.preset is None else load_preset(args.preset, "prune", classes=group)
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "ce_weight")
+             if getattr(args, k) is not None}
+    for k, v in {**given, "classes": group, "params_reduction": args.r, "seed": args.seed,
+                 **RECIPES[recipe]}.items():
+        setattr(cfg, k, v)
+    cfg.validate()
     res = prune(base, device_data(ds, meta, cfg, "cpu"), cfg)
     res.report.update(test_figures(res.model, ds.test, group))
     save_result(res, cfg, ds.classes, str(out_dir), {
@@ -52,14 +65,18 @@ def main() -> None:
     ap.add_argument("--devices", type=int, nargs="+", default=[2, 5, 10])
     ap.add_argument("--recipes", nargs="+", default=["default", "original"])
     ap.add_argument("--r", type=float, default=0.77)
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--preset", help="take device and head settings from this preset (e.g. quick)")
+    ap.add_argument("--epochs", type=int, help="default: the preset's, else 3")
+    ap.add_argument("--batch-size", type=int, help="default: the preset's, else 128")
+    ap.add_argument("--lr", type=float, help="default: the preset's, else 0.05")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ce-weight", type=float, default=1.0)
+    ap.add_argument("--ce-weight", type=float, help="default: the preset's, else 1")
     ap.add_argument("--tag", default="", help="suffix of the per-recipe output folder")
     ap.add_argument("--out", default="runs/bench-fusion")
     args = ap.parse_args()
+    if args.preset is None:  # the settings this benchmark used before presets existed
+        for k, v in (("epochs", 3), ("batch_size", 128), ("lr", 0.05), ("ce_weight", 1.0)):
+            setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     base, meta = checkpoint.load(args.base)
     ds = load_dataset(args.data)
     groups = read_groups(args.groups)
@@ -72,6 +89,10 @@ def main() -> None:
             fuse_kw = dict(epochs=200, patience=20, lr=5e-4, batch_size=128)
             if recipe == "original":
                 fuse_kw["device_dropout"] = 0.0  # the original had no device dropout
+            elif args.preset is not None:
+                f = load_preset(args.preset, "fuse")
+                fuse_kw = dict(epochs=f.epochs, patience=f.patience, lr=f.lr, batch_size=f.batch_size,
+                               device_dropout=f.device_dropout)
             run_fuse(paths, head, args.data, seed=args.seed, **fuse_kw)
             r = split_eval(head, args.base, args.data)
             row = {"recipe": recipe, "devices": n, "seed": args.seed, "base_acc": r["base"]["test_acc"],

@@ -15,6 +15,7 @@ Example: ``python -c "from papm_core.node import prune_key; print(prune_key('ab'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -213,15 +214,37 @@ def embed_images(path: Path, x: np.ndarray, store: Path) -> np.ndarray:
     return cached_embed(path, model, images, root=Path(store) / "embeddings")
 
 
+@contextlib.contextmanager
+def machine_lock(store: Path, exclusive: bool):
+    """Nodes with one store share one machine (simulated nodes run side by side): a latency
+    is timed under the exclusive lock while other nodes' work holds it shared, so no timing
+    overlaps another node's compute. Released when the process dies, even by SIGKILL."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: nodes on one machine then time side by side
+        yield
+        return
+    path = Path(store) / "machine.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200) -> dict:
     """Embeddings and the device model's own predictions for images the server asks about,
     plus this node's median batch-1 latency in ms, measured here on the model alone."""
     model, meta = checkpoint.load(path)
     images = Split("test", torch.as_tensor(x), torch.zeros(len(x), dtype=torch.long), [])
-    feats = cached_embed(path, model, images, root=Path(store) / "embeddings")
-    with torch.no_grad():
-        pred = model.forward_head(torch.as_tensor(feats)).argmax(1).numpy().astype(np.int64)
-    lat = latency_ms(model, runs)
+    with machine_lock(store, exclusive=False):
+        feats = cached_embed(path, model, images, root=Path(store) / "embeddings")
+        with torch.no_grad():
+            pred = model.forward_head(torch.as_tensor(feats)).argmax(1).numpy().astype(np.int64)
+    with machine_lock(store, exclusive=True):
+        lat = latency_ms(model, runs)
     return {"features": feats, "pred": pred, "latency_ms": lat["median_ms"],
             "latency_p90_ms": lat["p90_ms"], "threads": lat["threads"],
             "params": sum(p.numel() for p in model.parameters()),

@@ -135,6 +135,12 @@ def _plots(out: Path, res: dict[int, dict], base: dict) -> list[str]:
     return ["accuracy_vs_n.png", "size_latency_vs_n.png", "similarity.png"]
 
 
+def _threads_note(base: dict) -> str:
+    t = base.get("threads") if base.get("threads_matched") else None
+    return (f" (simulated nodes and the base model both at {t} torch thread{'s' if t != 1 else ''}, "
+            "each timed alone)") if t else ""
+
+
 def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
     out = Path(out)
     base = json.loads((out / "base_eval.json").read_text())
@@ -159,7 +165,8 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
           "\n## Fusion by device count\n",
           "`fused acc` is the head selected on validation. `best`/`mean` are over the fusion-head seeds "
           f"(device models fixed; {cfg['fuse'].get('head_seeds', 1)} seeds), each measured on test. "
-          "`inference ms` is the largest per-device batch-1 latency, measured on each node.\n\n",
+          "`inference ms` is the largest per-device batch-1 latency, measured on each node"
+          f"{_threads_note(base)}.\n\n",
           _table(frows), "\n## Per-device pruning effect and model sizes\n",
           f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
           "\n## Wall time per device count and round (s)\n", _table(timing),

@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -60,18 +61,29 @@ def ensure_base(rc, cfg: dict, out: Path, say) -> Path:
     return path
 
 
-def base_figures(base, base_path: Path, test, out: Path, runs: int) -> dict:
-    """Test accuracy, per class, batch-1 latency, size: measured once per base (by sha256)."""
+def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int = 0) -> dict:
+    """Test accuracy, per class, batch-1 latency, size: measured once per base (by sha256).
+    ``threads`` > 0 times the base with the simulated devices' torch threads, so that the
+    base and device latencies compare like with like."""
     sha = file_sha256(base_path)
+    matched, threads = threads > 0, threads if threads > 0 else torch.get_num_threads()
     path = out / "base_eval.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("sha256") == sha and old.get("test_images") == len(test):
+        if (old.get("sha256"), old.get("test_images"), old.get("threads"), old.get("threads_matched")) == (
+                sha, len(test), threads, matched):
             return old
     acc = accuracy(base, test)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        lat = latency_ms(base, runs)["median_ms"]
+    finally:
+        torch.set_num_threads(before)
     fig = {"sha256": sha, "path": str(base_path), "test_acc": acc.overall, "test_per_class": acc.per_class,
-           "latency_ms": latency_ms(base, runs)["median_ms"], "file_mb": checkpoint.file_mb(base_path),
-           "params": sum(p.numel() for p in base.parameters()), "test_images": len(test)}
+           "latency_ms": lat, "threads": threads, "threads_matched": matched,
+           "file_mb": checkpoint.file_mb(base_path), "params": sum(p.numel() for p in base.parameters()),
+           "test_images": len(test)}
     write_json(path, fig)
     return fig
 
@@ -113,9 +125,10 @@ def main(grid: Grid, context: Context) -> None:
     ds, ref, val = server_data(str(rc.get("data", "")) or None, split)
     if not 1 <= n <= len(ds.classes):
         raise PapmError(f"device count {n} is outside [1, {len(ds.classes)}]")
-    base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs)
-    run_dir = out / f"n{n}"
     simulated = str(rc.get("engine", "simulation")).startswith("simulation")
+    base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs,
+                            int(rc.get("client-threads", 0)) if simulated else 0)
+    run_dir = out / f"n{n}"
     stats_key = {"base_sha256": base_fig["sha256"], "split": split, "data": str(rc.get("data", ""))}
     cached = cached_grouping(run_dir, out / "class_stats.json" if simulated else None, stats_key, n,
                              cfg["sim"])

@@ -119,6 +119,28 @@ def test_match_groups_for_boxes_and_simulation():
     assert match_groups([[0, 1], [2]], [[2], [0, 1]]) == [1, 0]
 
 
+def test_latency_is_timed_alone_on_a_shared_machine(tmp_path):
+    """A node's latency timing (exclusive) waits for other nodes' work (shared), and a
+    shared holder does not block another shared holder."""
+    from papm_core.node import machine_lock
+
+    probe = ("import fcntl, sys; fh = open(sys.argv[1], 'a'); "
+             "flag = fcntl.LOCK_EX if sys.argv[2] == 'ex' else fcntl.LOCK_SH\n"
+             "try: fcntl.flock(fh, flag | fcntl.LOCK_NB); print('got')\n"
+             "except BlockingIOError: print('blocked')")
+
+    def other(mode: str) -> str:
+        r = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "machine.lock"), mode],
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout.strip()
+
+    with machine_lock(tmp_path, exclusive=False):
+        assert other("ex") == "blocked" and other("sh") == "got"
+    with machine_lock(tmp_path, exclusive=True):
+        assert other("sh") == "blocked"
+    assert other("ex") == "got"
+
+
 def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
     for args, msg in ((["--set", "prune.bogus=1"], "unknown key"),
                       (["--devices", "0-3"], "outside [1, 10]"),
@@ -153,6 +175,8 @@ def test_smoke_run_end_to_end(smoke_run):
         for d in res["per_device"]:
             assert d["reduction"] >= 0.77 and d["latency_ms"] > 0 and d["params"] > 0
         assert res["provenance"]["git_commit"] and res["config"]["prune"]["seed"] == 0
+    base = json.loads((out / "base_eval.json").read_text())  # timed like the simulated devices
+    assert base["threads_matched"] and base["threads"] == os.cpu_count() and "torch thread" in report
     assert flower_processes(out) == []
 
 
