@@ -108,7 +108,8 @@ def main() -> None:
               f"{r['missing_one_worst'] if r['missing_one_worst'] is None else round(r['missing_one_worst'], 2)} | "
               f"{r['max_device_latency_ms']:.2f} | {r['base_latency_ms']:.2f} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"fusion-seed{args.seed}.json").write_text(
+    counts = "-".join(str(n) for n in args.devices)
+    (Path(args.out) / f"fusion-n{counts}-seed{args.seed}.json").write_text(
         json.dumps({"args": vars(args), "rows": rows, "provenance": provenance()}, indent=1))
 
 
