@@ -9,7 +9,7 @@ model in the same run. Recipes: ``default`` (PAPM, scope shard+public) and ``ori
 With ``--preset quick`` every device fine-tunes with that preset's settings (epochs, lr,
 batch size, widths in multiples of 8, distillation weight, precision) and the default
 recipe's head uses the preset's ``[fuse]`` table; ``original`` keeps the original's head
-settings. Explicit ``--epochs``/``--lr``/``--batch-size``/``--ce-weight`` win over both.
+settings. Explicit ``--epochs``/``--lr``/``--batch-size``/``--ce-weight``/``--augment`` win over both.
 
 Examples::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from papm_core import checkpoint
 from papm_core.config import PruneConfig, load_preset
-from papm_core.data import load_dataset
+from papm_core.data import cache_dir, load_dataset
 from papm_core.grouping import read_groups
 from papm_core.specialize import (base_split, device_data, output_name, prune, save_result,
                                   test_figures)
@@ -41,19 +41,19 @@ def ensure_device(group, recipe, args, base, meta, ds, out_dir: Path) -> Path:
     if path.is_file():
         return path
     cfg = PruneConfig() if args.preset is None else load_preset(args.preset, "prune", classes=group)
-    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "ce_weight")
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "ce_weight", "augment")
              if getattr(args, k) is not None}
     for k, v in {**given, "classes": group, "params_reduction": args.r, "seed": args.seed,
                  **RECIPES[recipe]}.items():
         setattr(cfg, k, v)
     cfg.validate()
-    res = prune(base, device_data(ds, meta, cfg, "cpu"), cfg)
+    res = prune(base, device_data(ds, meta, cfg, "cpu"), cfg, teacher_cache=cache_dir() / "teacher")
     res.report.update(test_figures(res.model, ds.test, group))
     save_result(res, cfg, ds.classes, str(out_dir), {
         "path": args.base, "sha256": file_sha256(args.base), "split": base_split(meta),
         "ref_size": cfg.ref_size})
     print(f"  pruned {group} ({recipe}): own {res.report['test_own_acc']:.2f}%, "
-          f"all {res.report['test_acc']:.2f}%", flush=True)
+          f"all {res.report['test_acc']:.2f}%, {res.report['finetune_seconds']:.0f} s", flush=True)
     return path
 
 
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="default: the preset's, else 0.05")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ce-weight", type=float, help="default: the preset's, else 1")
+    ap.add_argument("--augment", choices=["crop+flip", "flip"], help="default: the preset's")
     ap.add_argument("--tag", default="", help="suffix of the per-recipe output folder")
     ap.add_argument("--out", default="runs/bench-fusion")
     args = ap.parse_args()
@@ -93,10 +94,10 @@ def main() -> None:
                 f = load_preset(args.preset, "fuse")
                 fuse_kw = dict(epochs=f.epochs, patience=f.patience, lr=f.lr, batch_size=f.batch_size,
                                device_dropout=f.device_dropout)
-            run_fuse(paths, head, args.data, seed=args.seed, **fuse_kw)
+            fused = run_fuse(paths, head, args.data, seed=args.seed, **fuse_kw)
             r = split_eval(head, args.base, args.data)
             row = {"recipe": recipe, "devices": n, "seed": args.seed, "base_acc": r["base"]["test_acc"],
-                   "fused_acc": r["test_acc"], "missing_one_worst": r["missing_one_worst"],
+                   "fused_val": fused["val_acc"], "fused_acc": r["test_acc"], "missing_one_worst": r["missing_one_worst"],
                    "max_device_latency_ms": max(r["device_latency_ms"]),
                    "base_latency_ms": r["base"]["latency_ms"], "end_to_end_ms": r["end_to_end_ms"]}
             rows.append(row)

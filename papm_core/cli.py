@@ -120,6 +120,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--criterion", choices=["papm", "random"], help="random: a baseline")
     p.add_argument("--scope", choices=["shard", "shard+public", "all"], help="fine-tuning data")
     p.add_argument("--recipe", choices=["papm", "original"], help="original: only with --scope all")
+    p.add_argument("--augment", choices=["crop+flip", "flip"],
+                   help="flip: teacher logits precomputed per class (faster on CPUs)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="training autocast: auto = bf16 on CUDA and AMX CPUs, else fp32")
     p.add_argument("--device")
@@ -132,13 +134,13 @@ def cmd_prune(args) -> int:
 
     from . import checkpoint
     from .config import load_preset
-    from .data import load_dataset
+    from .data import cache_dir, load_dataset
     from .specialize import device_data, prune, save_result, test_figures
     from .util import resolve_device
 
     keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
             "min_channels", "round_to", "calib_size", "epochs", "batch_size", "lr", "ref_size", "ce_weight",
-            "seed", "search", "criterion", "scope", "recipe", "device", "precision", "out_dir")
+            "augment", "seed", "search", "criterion", "scope", "recipe", "device", "precision", "out_dir")
     cfg = load_preset(args.preset, "prune", **{k: getattr(args, k) for k in keys})
     dev = resolve_device(cfg.device)
     base, meta = checkpoint.load(args.base, dev)
@@ -151,7 +153,8 @@ def cmd_prune(args) -> int:
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
                   f"calib {len(data.calib)}, public ref {len(data.ref)}")
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(
-        f"  fine-tune epoch {h['epoch']:3d}  loss {h['loss']:.3f}  val(own) {h['val_acc']:.2f}%"))
+        f"  fine-tune epoch {h['epoch']:3d}  loss {h['loss']:.3f}  val(own) {h['val_acc']:.2f}%"),
+        teacher_cache=cache_dir() / "teacher")
     res.report.update(test_figures(res.model, ds.test, cfg.classes))
     from .util import file_sha256
     from .specialize import base_split

@@ -65,6 +65,7 @@ class TrainConfig:
 
 
 SCOPES = ("shard", "shard+public", "all")
+AUGMENTS = ("crop+flip", "flip")
 
 
 @dataclass
@@ -92,6 +93,7 @@ class PruneConfig:
     warmup: float = 0.2
     label_smoothing: float = 0.0
     kd_temperature: float = 4.0      # softens base-model targets for distillation
+    augment: str = "crop+flip"       # crop+flip (live teacher) | flip (teacher logits precomputed)
     ce_weight: float = 1.0           # weight of shard cross-entropy next to distillation
     ref_size: int = 5000             # public reference set carved from train (server-held)
     seed: int = 0
@@ -104,6 +106,7 @@ class PruneConfig:
                                                   f"got {self.params_reduction}"),
                   (0 <= self.alpha <= 1, f"--alpha must lie in [0, 1], got {self.alpha}"),
                   (self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}"),
+                  (self.augment in AUGMENTS, f"--augment must be one of {', '.join(AUGMENTS)}"),
                   (self.scope in SCOPES, f"--scope must be one of {', '.join(SCOPES)}"),
                   (self.recipe in ("papm", "original"), "--recipe must be papm or original"),
                   (self.recipe == "papm" or self.scope == "all",

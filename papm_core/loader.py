@@ -81,6 +81,23 @@ def batches(split: Split, batch_size: int, *, train: bool, gen: torch.Generator 
         yield normalize(x, channels_last), split.y[idx]
 
 
+def flip_batches(split: Split, batch_size: int, gen: torch.Generator, channels_last: bool = False,
+                 order: torch.Tensor | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Shuffled batches with flip-only augmentation: (normalised images, labels, indices,
+    flipped). The indices and flip flags pick precomputed teacher targets (``teacher``);
+    ``order`` replaces the shuffle with given indices (weighted sampling)."""
+    dev = split.y.device
+    order = (torch.randperm(len(split), generator=gen) if order is None else order).to(dev)
+    READS[split.name] += len(order)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        flip = (torch.rand(len(idx), generator=gen) < 0.5).to(dev)
+        x = split.x[idx]
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        yield normalize(x, channels_last), split.y[idx], idx, flip
+
+
 def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
     if drop_last and n >= batch_size:
         return n // batch_size

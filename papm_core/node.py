@@ -190,7 +190,7 @@ def ensure_pruned(base: nn.Module, base_sha: str, data: LocalData, cfg: PruneCon
         raise PapmError("scope shard+public needs the public reference set in the message")
     dd = DeviceData(shard.to(dev), calib.to(dev), val.to(dev), ref.to(dev) if ref is not None else None,
                     data.private.to(dev) if cfg.scope == "all" else data.private)
-    res = prune(base, dd, cfg, on_epoch=on_epoch)
+    res = prune(base, dd, cfg, on_epoch=on_epoch, teacher_cache=Path(store) / "teacher")
     res.report["key"] = key
     checkpoint.save(path, res.model, kind="pruned", class_names=data.classes, metrics=res.report,
                     config=to_dict(cfg), extra={"served_classes": list(cfg.classes),

@@ -126,8 +126,10 @@ def _fit_size(base, scores, cfg: PruneConfig) -> tuple[dict, float]:
     raise PapmError(f"no pruning fits {cfg.target_size_mb} MB under --min-channels {cfg.min_channels}")
 
 
-def prune(base: nn.Module, data: DeviceData, cfg: PruneConfig, on_epoch=None) -> PruneResult:
-    """Score, search, slim and fine-tune one device model; report its figures (no saving)."""
+def prune(base: nn.Module, data: DeviceData, cfg: PruneConfig, on_epoch=None,
+          teacher_cache: Path | None = None) -> PruneResult:
+    """Score, search, slim and fine-tune one device model; report its figures (no saving).
+    ``teacher_cache``: folder for per-class teacher tables (``augment = "flip"``)."""
     cfg.validate()
     t0 = time.perf_counter()
     keep, info = choose_keep(base, data.calib, cfg)
@@ -137,7 +139,7 @@ def prune(base: nn.Module, data: DeviceData, cfg: PruneConfig, on_epoch=None) ->
     info["prune_seconds"] = time.perf_counter() - t0
     p0, p = spec_params(base.spec), count_params(model)
     ft = finetune(model, base, data.shard, data.val, cfg, ref=data.ref, pool=data.pool,
-                  on_epoch=on_epoch) if cfg.epochs else None
+                  on_epoch=on_epoch, teacher_cache=teacher_cache) if cfg.epochs else None
     model = ft.model if ft else model
     layers = [{"unit": u.name, "kept": len(keep[u.name]), "total": u.width} for u in units(base)]
     report = {"classes": list(cfg.classes), "params": p, "base_params": p0,
