@@ -41,7 +41,7 @@ def ensure_device(group, recipe, args, base, meta, ds, out_dir: Path) -> Path:
     if path.is_file():
         return path
     cfg = PruneConfig() if args.preset is None else load_preset(args.preset, "prune", classes=group)
-    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "ce_weight", "augment")
+    given = {k: getattr(args, k) for k in ("epochs", "lr", "batch_size", "ce_weight", "augment", "min_steps")
              if getattr(args, k) is not None}
     for k, v in {**given, "classes": group, "params_reduction": args.r, "seed": args.seed,
                  **RECIPES[recipe]}.items():
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--r", type=float, default=0.77)
     ap.add_argument("--preset", help="take device and head settings from this preset (e.g. quick)")
     ap.add_argument("--epochs", type=int, help="default: the preset's, else 3")
+    ap.add_argument("--min-steps", type=int, help="at least this many steps per device (default: the preset's)")
     ap.add_argument("--batch-size", type=int, help="default: the preset's, else 128")
     ap.add_argument("--lr", type=float, help="default: the preset's, else 0.05")
     ap.add_argument("--seed", type=int, default=0)

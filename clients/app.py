@@ -156,7 +156,7 @@ def prune(msg: Message, ctx: Context) -> Message:
     path, report, reused = ensure_pruned(
         base, cfg["base_sha256"], data, pcfg, cfg["split"], public, node.store,
         on_epoch=lambda h: node.progress(stage="prune", classes=pcfg.classes, epoch=h["epoch"],
-                                         epochs=pcfg.epochs))
+                                         epochs=h.get("epochs", pcfg.epochs)))
     node.progress(stage="idle")
     keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
             "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key")

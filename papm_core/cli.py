@@ -109,6 +109,7 @@ def _add_prune(sub) -> None:
             ("--round-to", int, "kept channel counts are multiples of this (default 1)"),
             ("--calib-size", int, "training images of the device's classes for APoZ (default 1024)"),
             ("--epochs", int, "fine-tuning epochs"), ("--batch-size", int, None), ("--lr", float, None),
+            ("--min-steps", int, "at least this many optimizer steps: more epochs on small shards"),
             ("--ref-size", int, "public reference images carved from train (default 5000)"),
             ("--ce-weight", float, "weight of shard cross-entropy beside distillation (default 1)"),
             ("--seed", int, None)]:
@@ -139,8 +140,8 @@ def cmd_prune(args) -> int:
     from .util import resolve_device
 
     keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
-            "min_channels", "round_to", "calib_size", "epochs", "batch_size", "lr", "ref_size", "ce_weight",
-            "augment", "seed", "search", "criterion", "scope", "recipe", "device", "precision", "out_dir")
+            "min_channels", "round_to", "calib_size", "epochs", "min_steps", "batch_size", "lr",
+            "ref_size", "ce_weight", "augment", "seed", "search", "criterion", "scope", "recipe", "device", "precision", "out_dir")
     cfg = load_preset(args.preset, "prune", **{k: getattr(args, k) for k in keys})
     dev = resolve_device(cfg.device)
     base, meta = checkpoint.load(args.base, dev)
@@ -153,7 +154,7 @@ def cmd_prune(args) -> int:
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
                   f"calib {len(data.calib)}, public ref {len(data.ref)}")
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(
-        f"  fine-tune epoch {h['epoch']:3d}  loss {h['loss']:.3f}  val(own) {h['val_acc']:.2f}%"),
+        f"  fine-tune epoch {h['epoch']:3d}/{h['epochs']}  loss {h['loss']:.3f}  val(own) {h['val_acc']:.2f}%"),
         teacher_cache=cache_dir() / "teacher")
     res.report.update(test_figures(res.model, ds.test, cfg.classes))
     from .util import file_sha256

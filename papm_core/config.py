@@ -86,6 +86,7 @@ class PruneConfig:
     scope: str = "shard+public"      # fine-tuning data: shard | shard+public | all
     recipe: str = "papm"             # papm | original (only with scope = all)
     epochs: int = 20
+    min_steps: int = 0               # at least this many optimizer steps (more epochs on small shards)
     batch_size: int = 128
     lr: float = 0.05
     momentum: float = 0.9
@@ -117,6 +118,7 @@ class PruneConfig:
                    "--search threshold needs --threshold T"),
                   (self.criterion in ("papm", "random"), "--criterion must be papm or random"),
                   (self.epochs >= 0, "--epochs must be >= 0"),
+                  (self.min_steps >= 0, f"--min-steps must be >= 0, got {self.min_steps}"),
                   (self.ce_weight >= 0, "--ce-weight must be >= 0"),
                   (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
                   (self.min_channels >= 1 and self.round_to >= 1, "--min-channels and --round-to must be >= 1"),

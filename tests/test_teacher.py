@@ -1,17 +1,20 @@
 """Precomputed teacher targets: exact for every flip view, cached per class, keyed by the
-teacher's weights, and fine-tuning from them equals fine-tuning with the live teacher."""
+teacher's weights, and fine-tuning from them equals fine-tuning with the live teacher;
+the step floor (``min_steps``) that gives small shards more epochs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from papm_core.config import PruneConfig
 from papm_core.data import subsample
-from papm_core.finetune import _Teacher, finetune
+from papm_core.finetune import _Teacher, finetune, finetune_epochs
 from papm_core.loader import flip_batches
 from papm_core.models import build_model, resnet18_spec
 from papm_core.prune import slim, units
 from papm_core.teacher import cached_flip_logits, flip_logits, model_key
+from papm_core.util import PapmError
 
 
 def _model(seed, width=0.125, k=10):
@@ -89,3 +92,22 @@ def test_finetune_from_tables_equals_live_teacher(cifar, tmp_path, monkeypatch):
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-4, rtol=2e-4)
     assert any(not torch.equal(pa, pc) for pa, pc in zip(a.model.parameters(), _device(base).parameters()))
+
+
+def test_min_steps_raises_epochs_of_small_shards(cifar, tmp_path):
+    cfg = PruneConfig(classes=[2], epochs=3, min_steps=10, batch_size=16)
+    assert finetune_epochs(cfg, 32) == 5      # 2 batches per epoch: 5 epochs reach 10 steps
+    assert finetune_epochs(cfg, 200) == 3     # 13 batches per epoch: the floor is already met
+    assert finetune_epochs(PruneConfig(classes=[2], epochs=0, min_steps=10), 32) == 0
+    base = _model(0)
+    shard = subsample(cifar.train, 24).shard([2, 5])  # 48 images: 3 batches of 16
+    val = subsample(cifar.test, 4)
+    val = val.take(torch.arange(len(val)), name="val")
+    cfg = PruneConfig(classes=[2, 5], epochs=1, min_steps=7, batch_size=16, lr=0.05,
+                      augment="flip", precision="fp32")
+    res = finetune(_device(base), base, shard, val, cfg, ref=subsample(cifar.train, 3),
+                   teacher_cache=tmp_path)
+    assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]  # ceil(7 / 3) epochs
+    assert all(h["epochs"] == 3 for h in res.history[1:])
+    with pytest.raises(PapmError, match="min-steps"):
+        PruneConfig(classes=[2], min_steps=-1).validate()
