@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from papm_core.config import load_all, resolve_preset_name, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
+from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
 from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
 
 
@@ -128,10 +129,13 @@ def run_config(n: int, out: Path, cfg: dict, args, base: str = "") -> dict:
     return rc
 
 
-def wait_result(proc, n: int, out: Path, view, log: Path) -> dict:
-    """Follow one ``flwr run`` to its end; its result.json, or a one-line error."""
+def wait_result(proc, n: int, out: Path, view, log: Path, watch: Watch | None = None) -> dict:
+    """Follow one ``flwr run`` to its end; its result.json, or a one-line error.
+    ``watch`` notes other papm runs on this machine meanwhile (their load is in the timings)."""
     while proc.poll() is None:
         view.update(n, out)
+        if watch:
+            watch.poll()
         time.sleep(1.0)
     result = out / f"n{n}" / "result.json"
     if not result.is_file():
@@ -153,7 +157,7 @@ def start_n(n: int, out: Path) -> Path:
     return run_dir / "flower.log"
 
 
-def run_one(fed, n: int, out: Path, cfg: dict, args, view) -> dict:
+def run_one(fed, n: int, out: Path, cfg: dict, args, view, watch: Watch | None = None) -> dict:
     """One device count on the simulation runtime; returns its result (raises on failure)."""
     log = start_n(n, out)
     threads = os.cpu_count() or 1
@@ -161,7 +165,7 @@ def run_one(fed, n: int, out: Path, cfg: dict, args, view) -> dict:
     cpus = int(cpus) if float(cpus).is_integer() else float(cpus)
     proc = fed.run(run_config(n, out, cfg, args), n,
                    {"client-resources-num-cpus": cpus, "init-args-num-cpus": threads}, log)
-    return wait_result(proc, n, out, view, log)
+    return wait_result(proc, n, out, view, log, watch)
 
 
 def deployed_base(out: Path, args, view) -> str:
@@ -174,7 +178,8 @@ def deployed_base(out: Path, args, view) -> str:
     return str(ensure_base(rc, resolved_config(rc), out, say))
 
 
-def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, base: str) -> dict:
+def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, base: str,
+                 watch: Watch | None = None) -> dict:
     """One device count on the Deployment Engine: SuperLink + N SuperNode processes."""
     from server.deploy import Deployment, local_boxes
     log = start_n(n, out)
@@ -186,7 +191,7 @@ def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, b
         dep.start(boxes)
         rc = run_config(n, out, cfg, args, base)
         rc["client-threads"] = max(1, (os.cpu_count() or 1) // n)  # the boxes share this machine
-        return wait_result(dep.run(rc, log), n, out, view, log)
+        return wait_result(dep.run(rc, log), n, out, view, log, watch)
     finally:
         if dep.stop():
             print("sim.py: warning: some Flower processes did not stop", file=sys.stderr)
@@ -231,16 +236,20 @@ def run_counts(todo: list[int], devices: list[int], out: Path, cfg: dict, args, 
                 if not args.base and "base_train_s" not in timings:
                     timings["base_train_s"] = time.monotonic() - t
             for n in todo:
-                t = time.monotonic()
+                t, watch = time.monotonic(), Watch(str(out))
+                watch.poll(force=True)
                 if args.attach:
                     from server.deploy import attached_run
                     log = start_n(n, out)
-                    res = wait_result(attached_run(args.attach, run_config(n, out, cfg, args), log), n, out, view, log)
+                    res = wait_result(attached_run(args.attach, run_config(n, out, cfg, args), log), n, out, view,
+                                      log, watch)
                 elif args.deployment:
-                    res = run_deployed(n, devices, out, cfg, args, view, base)
+                    res = run_deployed(n, devices, out, cfg, args, view, base, watch)
                 else:
-                    res = run_one(fed, n, out, cfg, args, view)
-                timings[str(n)] = {"wall_s": time.monotonic() - t, "rounds": res.get("rounds", {})}
+                    res = run_one(fed, n, out, cfg, args, view, watch)
+                watch.poll(force=True)
+                timings[str(n)] = {"wall_s": time.monotonic() - t, "rounds": res.get("rounds", {}),
+                                   "other_runs": sorted(watch.seen)}
                 write_json(out / "timings.json", timings)
                 view.finished(n, res)
     finally:
@@ -266,7 +275,13 @@ def main(argv=None) -> int:
         todo = [n for n in devices if args.force or not finished(out / f"n{n}" / "result.json")]
         t0 = time.monotonic()
         timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
-        run_counts(todo, devices, out, cfg, args, view, timings)
+        with run_marker(str(out)):
+            others = other_runs(str(out))
+            if todo and others:
+                print(f"sim.py: warning: other papm runs are active on this machine ({', '.join(others)}); "
+                      "their load will be in this run's latency and time figures (REPORT.md notes it)",
+                      file=sys.stderr)
+            run_counts(todo, devices, out, cfg, args, view, timings)
         report = write_report(out, devices, {"wall_s_this_invocation": time.monotonic() - t0,
                                              "provenance": provenance(), "timings": timings})
         print(f"report: {report}")

@@ -35,6 +35,7 @@ from flwr.clientapp import ClientApp
 from clients import wire
 from papm_core.config import from_dict
 from papm_core.data import Split
+from papm_core.finetune import finetune_epochs
 from papm_core.node import (box_classes, embed_images, ensure_pruned, evaluate_images, find_pruned,
                             held_classes, local_data, local_stats)
 from papm_core.util import PapmError, atomic_write
@@ -152,7 +153,9 @@ def prune(msg: Message, ctx: Context) -> Message:
     data = local_data(node.source, cfg["split"], None if pcfg.scope == "all" else pcfg.classes)
     for s in public.values():
         s.classes = data.classes
-    node.progress(stage="prune", classes=pcfg.classes, epoch=0, epochs=pcfg.epochs)
+    own = int(torch.isin(data.private.y, torch.tensor(pcfg.classes)).sum())  # images per epoch, as finetune counts
+    per_epoch = int(own / 0.9) if pcfg.recipe == "original" else len(data.private) if pcfg.scope == "all" else own
+    node.progress(stage="prune", classes=pcfg.classes, epoch=0, epochs=finetune_epochs(pcfg, per_epoch))
     path, report, reused = ensure_pruned(
         base, cfg["base_sha256"], data, pcfg, cfg["split"], public, node.store,
         on_epoch=lambda h: node.progress(stage="prune", classes=pcfg.classes, epoch=h["epoch"],

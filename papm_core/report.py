@@ -141,6 +141,22 @@ def _threads_note(base: dict) -> str:
             "each timed alone)") if t else ""
 
 
+def shared_machine_note(timings: dict, base: dict) -> str:
+    """A caveat naming the device counts (and the base timing) during which other papm runs
+    were active on this machine: their load is in those latency and time figures."""
+    ns = sorted(int(k) for k, t in timings.items() if k.isdigit() and t.get("other_runs"))
+    runs = sorted({r for k, t in timings.items() if k.isdigit() for r in t.get("other_runs", [])}
+                  | set(base.get("other_runs", [])))
+    if not runs:
+        return ""
+    parts = ([f"N = {', '.join(map(str, ns))}"] if ns else []) + (["the base model's timing"]
+                                                                  if base.get("other_runs") else [])
+    return (f"\n**Caveat: not a quiet machine.** Other papm runs ({', '.join(runs)}) were active on "
+            f"this machine during {' and '.join(parts)}; those wall times, and latencies timed on this "
+            "machine, include their load. Rerun with the machine to itself for clean timings "
+            "(`--force` redoes the work).\n")
+
+
 def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
     out = Path(out)
     base = json.loads((out / "base_eval.json").read_text())
@@ -166,7 +182,7 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
           "`fused acc` is the head selected on validation. `best`/`mean` are over the fusion-head seeds "
           f"(device models fixed; {cfg['fuse'].get('head_seeds', 1)} seeds), each measured on test. "
           "`inference ms` is the largest per-device batch-1 latency, measured on each node"
-          f"{_threads_note(base)}.\n\n",
+          f"{_threads_note(base)}.\n", shared_machine_note(extra.get("timings", {}), base), "\n",
           _table(frows), "\n## Per-device pruning effect and model sizes\n",
           f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
           "\n## Wall time per device count and round (s)\n", _table(timing),

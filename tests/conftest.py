@@ -23,6 +23,8 @@ def private_cache(tmp_path_factory):
     d = tmp_path_factory.mktemp("papm-cache")
     os.environ["PAPM_CACHE"] = str(d)
     os.environ.pop("PAPM_DATA", None)
+    # runs of this session see only each other, not a developer's sim.py next to them
+    os.environ["PAPM_RUNS_DIR"] = str(tmp_path_factory.mktemp("papm-runs"))
     return d
 
 

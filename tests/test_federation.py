@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT, flower_processes, run_sim
+from papm_core.neighbours import run_marker
 
 pytest.importorskip("flwr")
 
@@ -177,6 +178,7 @@ def test_smoke_run_end_to_end(smoke_run):
         assert res["provenance"]["git_commit"] and res["config"]["prune"]["seed"] == 0
     base = json.loads((out / "base_eval.json").read_text())  # timed like the simulated devices
     assert base["threads_matched"] and base["threads"] == os.cpu_count() and "torch thread" in report
+    assert base["other_runs"] == [] and "not a quiet machine" not in report
     assert flower_processes(out) == []
 
 
@@ -196,9 +198,13 @@ def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archiv
 def test_failing_node_is_masked_and_named(smoke_run, tmp_path, shared_archive):
     out, _ = smoke_run
     run = tmp_path / "fail"
-    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
-                "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "1"})
+    with run_marker("runs/neighbour"):  # another run on this machine: its load is in the timings
+        r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
+                    "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "other papm runs are active on this machine (runs/neighbour)" in r.stderr
+    assert json.loads((run / "timings.json").read_text())["2"]["other_runs"] == ["runs/neighbour"]
+    assert "Caveat: not a quiet machine" in (run / "REPORT.md").read_text()
     res = json.loads((run / "n2" / "result.json").read_text())
     assert [(m["round"], m["node"]) for m in res["missing"]] == [("prune", "node-1")]
     assert "injected failure" in res["missing"][0]["reason"]

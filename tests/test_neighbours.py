@@ -1,0 +1,61 @@
+"""Run markers: a run sees other live papm runs on the machine, forgets killed ones, and the
+report says when timings shared the machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from papm_core import neighbours
+from papm_core.neighbours import Watch, other_runs, run_marker
+from papm_core.report import shared_machine_note
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLDER = ("import sys, time\nfrom papm_core.neighbours import run_marker\n"
+          "with run_marker(sys.argv[1]):\n    print('ready', flush=True)\n    time.sleep(120)\n")
+
+
+def _holder(label: str, env: dict) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, label], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_other_runs_sees_live_runs_and_forgets_killed_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAPM_RUNS_DIR", str(tmp_path))
+    env = {**os.environ, "PAPM_RUNS_DIR": str(tmp_path)}
+    a, b = _holder("runs/a", env), _holder("runs/b", env)
+    try:
+        assert sorted(other_runs()) == ["runs/a", "runs/b"]
+        assert other_runs("runs/a") == ["runs/b"]  # a run does not count itself
+        with run_marker("runs/me"):
+            assert sorted(other_runs("runs/me")) == ["runs/a", "runs/b"]
+            watch = Watch("runs/me", every_s=3600)
+            watch.poll(force=True)
+            a.send_signal(signal.SIGKILL)  # no clean-up code runs: the kernel drops its lock
+            a.wait(timeout=30)
+            watch.poll()  # rate-limited: sees nothing new, forgets nothing
+            assert watch.seen == {"runs/a", "runs/b"}
+            monkeypatch.setattr(neighbours, "STALE_AFTER_S", 0.0)
+            assert other_runs("runs/me") == ["runs/b"]
+        assert sorted(p.name for p in tmp_path.glob("*.run")) == [f"{b.pid}.run"]  # a's stale, mine gone
+    finally:
+        for p in (a, b):
+            p.kill()
+            p.wait(timeout=30)
+    assert other_runs() == []
+
+
+def test_report_names_device_counts_that_shared_the_machine():
+    quiet = {"2": {"wall_s": 1.0, "other_runs": []}, "base_train_s": 3.0}
+    assert shared_machine_note(quiet, {"other_runs": []}) == ""
+    assert shared_machine_note({"2": {"wall_s": 1.0}}, {}) == ""  # timings from before markers
+    busy = {**quiet, "3": {"wall_s": 1.0, "other_runs": ["runs/x"]}}
+    note = shared_machine_note(busy, {"other_runs": []})
+    assert "N = 3" in note and "runs/x" in note and "N = 2" not in note and "base" not in note
+    note = shared_machine_note(quiet, {"other_runs": ["runs/y"]})
+    assert "base model's timing" in note and "runs/y" in note and "N =" not in note
