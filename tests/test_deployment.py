@@ -244,8 +244,8 @@ def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run,
     assert "prune:box-1" in report and "embed:box-2" in report
     assert flower_processes(out) == []
     # the nodes are back: a rerun redoes only the missing work and matches the simulation.
-    # Default timeouts: this checks the recovery, and box-1's prune (≈ 15 s quiet) ran past
-    # the 25 s above once on a loaded machine
+    # Default timeouts: this checks the recovery, and box-1's prune ran past the 25 s above
+    # once on a machine loaded by another training run
     r = _deploy(out, sim_out / "base.pt", shared_archive, 3)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "n3" / "result.json").read_text())
