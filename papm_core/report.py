@@ -51,13 +51,29 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
-def load_results(out: Path, devices: list[int]) -> dict[int, dict]:
+def _same_settings(a: dict, b: dict) -> bool:
+    """Two resolved configs describe the same run, apart from the device count's own keys."""
+    strip = lambda c: {**{k: v for k, v in c.items() if k != "sim"},  # noqa: E731
+                       "prune": {k: v for k, v in c.get("prune", {}).items() if k != "classes"}}
+    return strip(a) == strip(b)
+
+
+def load_results(out: Path, devices: list[int], cfg: dict | None = None) -> dict[int, dict]:
+    """The results of ``devices``, plus those of any other device count finished in the
+    folder by an earlier invocation with the same settings (``cfg``), so that running
+    ``--devices 10`` and then ``--devices 5`` on one folder reports both."""
     res = {}
-    for n in devices:
-        p = out / f"n{n}" / "result.json"
-        if p.is_file():
-            res[n] = json.loads(p.read_text())
-    return res
+    for p in sorted(out.glob("n*/result.json")):
+        try:
+            n = int(p.parent.name[1:])
+        except ValueError:
+            continue
+        if n not in devices and cfg is None:
+            continue
+        r = json.loads(p.read_text())
+        if n in devices or _same_settings(r.get("config", {}), cfg):
+            res[n] = r
+    return dict(sorted(res.items()))
 
 
 def fusion_rows(res: dict[int, dict]) -> list[dict]:
@@ -161,7 +177,7 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
     out = Path(out)
     base = json.loads((out / "base_eval.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
-    res = load_results(out, devices)
+    res = load_results(out, devices, cfg)
     frows, drows = fusion_rows(res), device_rows(res, base)
     brow = [{"model": "base ResNet18", "test acc %": base["test_acc"], "latency ms": base["latency_ms"],
              "params": base["params"], "MB": base["file_mb"]}]

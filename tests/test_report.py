@@ -1,0 +1,31 @@
+"""The run report covers every device count finished in its folder with the same settings,
+not only those of the latest ``sim.py`` invocation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from papm_core.report import load_results
+
+
+def _cfg(lr: float = 0.2, classes=(0,), devices: str = "2") -> dict:
+    return {"train": {"width": 0.25}, "prune": {"lr": lr, "classes": list(classes)},
+            "fuse": {"patience": 10}, "sim": {"devices": devices}}
+
+
+def _write(out: Path, n: int, cfg: dict) -> None:
+    (out / f"n{n}").mkdir(parents=True)
+    (out / f"n{n}" / "result.json").write_text(json.dumps({"devices": n, "config": cfg}))
+
+
+def test_report_keeps_earlier_device_counts_with_the_same_settings(tmp_path):
+    now = _cfg(devices="5")
+    _write(tmp_path, 10, _cfg(classes=[3], devices="10"))  # earlier invocation, same settings
+    _write(tmp_path, 5, now)
+    _write(tmp_path, 3, _cfg(lr=0.1, devices="3"))          # left by a --force run with other settings
+    (tmp_path / "nx").mkdir()                                 # not a device-count folder
+    (tmp_path / "n7").mkdir()                                 # unfinished: no result.json
+    assert list(load_results(tmp_path, [5], now)) == [5, 10]
+    assert list(load_results(tmp_path, [3, 5], now)) == [3, 5, 10]  # asked for: always shown
+    assert list(load_results(tmp_path, [5])) == [5]                  # no settings: only those asked
