@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from papm_core.config import load_all, resolve_preset_name, to_dict  # noqa: E402
+from papm_core.config import load_all, resolve_preset_name, same_settings, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
 from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
 from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
@@ -197,13 +197,15 @@ def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, b
             print("sim.py: warning: some Flower processes did not stop", file=sys.stderr)
 
 
-def finished(result: Path) -> bool:
-    """A device count is done when its result exists and no device was missing from it;
-    a rerun redoes the others, reusing every device model already built (by content key)."""
+def finished(result: Path, cfg: dict) -> bool:
+    """A device count is done when its result exists, was made with these settings (a
+    ``--force`` run with others leaves stale ones) and no device was missing from it; a
+    rerun redoes the others, reusing every device model already built (by content key)."""
     try:
-        return not json.loads(result.read_text()).get("missing")
+        r = json.loads(result.read_text())
     except (OSError, ValueError):
         return False
+    return not r.get("missing") and same_settings(r.get("config", {}), cfg)
 
 
 def test_keys() -> dict:
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
         cfg, devices, out = resolve(args)
         claim_folder(out, cfg, args)
         view = View(devices, cfg, enabled=not args.no_progress and sys.stdout.isatty())
-        todo = [n for n in devices if args.force or not finished(out / f"n{n}" / "result.json")]
+        todo = [n for n in devices if args.force or not finished(out / f"n{n}" / "result.json", cfg)]
         t0 = time.monotonic()
         timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
         with run_marker(str(out)):

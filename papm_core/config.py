@@ -244,3 +244,11 @@ def from_dict(stage: str, values: dict[str, Any]):
 
 def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def same_settings(a: dict, b: dict) -> bool:
+    """Two resolved configs (``to_dict`` per stage) describe the same run, apart from the
+    keys one device count sets for itself: ``[sim]`` and the device's ``prune.classes``."""
+    strip = lambda c: {**{k: v for k, v in c.items() if k != "sim"},  # noqa: E731
+                       "prune": {k: v for k, v in c.get("prune", {}).items() if k != "classes"}}
+    return strip(a) == strip(b)

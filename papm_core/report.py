@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import same_settings
 from .plots import figure, heatmap, save
 from .util import atomic_write
 
@@ -51,13 +52,6 @@ def _fmt(v) -> str:
     return "—" if v is None else str(v)
 
 
-def _same_settings(a: dict, b: dict) -> bool:
-    """Two resolved configs describe the same run, apart from the device count's own keys."""
-    strip = lambda c: {**{k: v for k, v in c.items() if k != "sim"},  # noqa: E731
-                       "prune": {k: v for k, v in c.get("prune", {}).items() if k != "classes"}}
-    return strip(a) == strip(b)
-
-
 def load_results(out: Path, devices: list[int], cfg: dict | None = None) -> dict[int, dict]:
     """The results of ``devices``, plus those of any other device count finished in the
     folder by an earlier invocation with the same settings (``cfg``), so that running
@@ -71,7 +65,7 @@ def load_results(out: Path, devices: list[int], cfg: dict | None = None) -> dict
         if n not in devices and cfg is None:
             continue
         r = json.loads(p.read_text())
-        if n in devices or _same_settings(r.get("config", {}), cfg):
+        if n in devices or same_settings(r.get("config", {}), cfg):
             res[n] = r
     return dict(sorted(res.items()))
 

@@ -29,3 +29,16 @@ def test_report_keeps_earlier_device_counts_with_the_same_settings(tmp_path):
     assert list(load_results(tmp_path, [5], now)) == [5, 10]
     assert list(load_results(tmp_path, [3, 5], now)) == [3, 5, 10]  # asked for: always shown
     assert list(load_results(tmp_path, [5])) == [5]                  # no settings: only those asked
+
+
+def test_a_result_made_with_other_settings_is_not_finished(tmp_path):
+    """After ``--force`` with new settings, device counts it did not redo still hold results
+    of the old settings; a later run must redo them, not report them as its own."""
+    import sim
+
+    _write(tmp_path, 3, _cfg(lr=0.1, classes=[2, 3]))
+    _write(tmp_path, 4, _cfg(classes=[2, 3], devices="4"))
+    now = _cfg(devices="2-10")
+    assert not sim.finished(tmp_path / "n3" / "result.json", now)
+    assert sim.finished(tmp_path / "n4" / "result.json", now)
+    assert not sim.finished(tmp_path / "n5" / "result.json", now)  # never run
