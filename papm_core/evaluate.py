@@ -1,7 +1,8 @@
 """Accuracy (overall and per class), batch-1 latency and throughput of a model.
 
-Latency is the median of at least 200 timed batch-1 forward passes after a warm-up,
-in ms, with the device and torch thread count recorded beside it.
+Latency is the median of at least 200 timed batch-1 forward passes after a warm-up, in
+ms, taken in five blocks of which the quietest counts (``latency_ms``), with the device,
+the torch thread count and every block's median recorded beside it.
 
 Example: ``papm eval checkpoints/base.pt --data ../shared/data/cifar10-jpeg75.tar.xz``
 """
@@ -54,25 +55,43 @@ def accuracy(model: nn.Module, split: Split, batch_size: int = 1000,
     return Accuracy(overall, per, len(y))
 
 
+LATENCY_METHOD = "quietest-block-median"  # recorded, so figures of another method are re-timed
+
+
+def quietest_median_ms(call, runs: int = 200, blocks: int = 5, sync=lambda: None) -> dict:
+    """Time ``call()`` ``runs`` times (at least 200), ``blocks`` times in a row, and keep the
+    block with the lowest median. A batch-1 pass takes 0.2-3 ms here, so a process starting
+    or a burst of work elsewhere on a 2-core machine (a Flower ClientApp loading, say) can
+    lift a whole 200-run block's median by 1-2 ms; the quietest block is the model measured
+    alone, which is what a latency is meant to say. Every block's median is returned too."""
+    runs = max(runs, 200)
+    best, medians = None, []
+    for _ in range(max(1, blocks)):
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+        medians.append(statistics.median(times))
+        if best is None or medians[-1] < statistics.median(best):
+            best = times
+    return {"median_ms": statistics.median(best), "p90_ms": sorted(best)[int(0.9 * runs)],
+            "block_medians_ms": medians, "runs": runs, "blocks": len(medians), "method": LATENCY_METHOD}
+
+
 @torch.no_grad()
 def latency_ms(model: nn.Module, runs: int = 200, warmup: int = 20,
-               device: torch.device | str = "cpu") -> dict:
-    """Median batch-1 forward time in ms over ``runs`` timed runs (at least 200)."""
-    runs = max(runs, 200)
+               device: torch.device | str = "cpu", blocks: int = 5) -> dict:
+    """Batch-1 forward time of ``model`` in ms (``quietest_median_ms``), after a warm-up."""
     model = model.to(device).eval()
     x = torch.randn(1, 3, 32, 32, device=device)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)
     sync()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "p90_ms": sorted(times)[int(0.9 * runs)],
-            "runs": runs, "device": str(device), "threads": torch.get_num_threads()}
+    return {**quietest_median_ms(lambda: model(x), runs, blocks, sync),
+            "device": str(device), "threads": torch.get_num_threads()}
 
 
 @torch.no_grad()

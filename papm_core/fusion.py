@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Split, cache_dir
+from .evaluate import quietest_median_ms
 from .loader import batches
 from .util import PapmError, atomic_write, file_sha256
 
@@ -123,17 +122,13 @@ def random_mask(n: int, n_dev: int, p: float, gen: torch.Generator) -> torch.Ten
 @torch.no_grad()
 def head_latency_ms(head: FusionHead, feats: torch.Tensor, mask: torch.Tensor | None = None,
                     runs: int = 200) -> float:
-    """Median batch-1 time of the head alone, in ms (at least 200 timed runs)."""
+    """Batch-1 time of the head alone, in ms: the quietest of five blocks' medians of at
+    least 200 timed runs each (``evaluate.quietest_median_ms``)."""
     head.eval()
     one, m = feats[:1], None if mask is None else mask[:1]
     for _ in range(10):
         head(one, m)
-    times = []
-    for _ in range(max(runs, 200)):
-        t0 = time.perf_counter()
-        head(one, m)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return quietest_median_ms(lambda: head(one, m), runs)["median_ms"]
 
 
 @dataclass

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from papm_core import checkpoint
 from papm_core.config import from_dict, load_all, to_dict
-from papm_core.evaluate import accuracy, latency_ms
+from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.neighbours import other_runs
@@ -73,18 +73,20 @@ def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int
     path = out / "base_eval.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        if (old.get("sha256"), old.get("test_images"), old.get("threads"), old.get("threads_matched")) == (
-                sha, len(test), threads, matched) and (others or not old.get("other_runs")):
+        if (old.get("sha256"), old.get("test_images"), old.get("threads"), old.get("threads_matched"),
+                old.get("latency_method")) == (sha, len(test), threads, matched, LATENCY_METHOD) and (
+                others or not old.get("other_runs")):
             return old
     acc = accuracy(base, test)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        lat = latency_ms(base, runs)["median_ms"]
+        lat = latency_ms(base, runs)
     finally:
         torch.set_num_threads(before)
     fig = {"sha256": sha, "path": str(base_path), "test_acc": acc.overall, "test_per_class": acc.per_class,
-           "latency_ms": lat, "threads": threads, "threads_matched": matched,
+           "latency_ms": lat["median_ms"], "latency_blocks_ms": lat["block_medians_ms"],
+           "latency_method": LATENCY_METHOD, "threads": threads, "threads_matched": matched,
            "file_mb": checkpoint.file_mb(base_path), "params": sum(p.numel() for p in base.parameters()),
            "test_images": len(test), "other_runs": others}
     write_json(path, fig)
