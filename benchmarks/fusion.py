@@ -90,11 +90,11 @@ def main() -> None:
             head = out_dir / f"fusion_n{n}.pt"
             fuse_kw = dict(epochs=200, patience=20, lr=5e-4, batch_size=128)
             if recipe == "original":
-                fuse_kw["device_dropout"] = 0.0  # the original had no device dropout
+                fuse_kw.update(device_dropout=0.0, prior="none")  # the original: a plain MLP, no dropout
             elif args.preset is not None:
                 f = load_preset(args.preset, "fuse")
                 fuse_kw = dict(epochs=f.epochs, patience=f.patience, lr=f.lr, batch_size=f.batch_size,
-                               device_dropout=f.device_dropout)
+                               device_dropout=f.device_dropout, prior=f.prior)
             fused = run_fuse(paths, head, args.data, seed=args.seed, **fuse_kw)
             r = split_eval(head, args.base, args.data)
             row = {"recipe": recipe, "devices": n, "seed": args.seed, "base_acc": r["base"]["test_acc"],

@@ -7,11 +7,15 @@ public reference, validation and test sets once, and trains heads with:
 - ``ce+flip``: the same on the reference set and its horizontal flip (twice the samples);
 - ``kd``: distillation from the base model's soft predictions on the reference set (the
   server holds the base model and the public set, so this needs nothing from the devices);
-- ``kd+flip``: both.
+- ``kd+flip``: both;
+- ``owner-only``: no training, each class scored by the mean log-probability the devices
+  serving it give it (the head's specialist prior alone);
+- ``owner``: the prior plus the MLP trained with cross-entropy (the default head,
+  ``fuse.prior = "owner"``; validated from epoch 0, so it keeps the prior unless it beats it).
 
 Selection on validation, test reported once per head. Example::
 
-    python benchmarks/fusion_head.py --run runs/quick --devices 2 5 10 --seeds 0 1 2
+    python benchmarks/fusion_head.py --run runs/qs880 --base runs/base/base.pt --devices 2 5 10
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from papm_core import checkpoint  # noqa: E402
 from papm_core.data import Split, load_dataset  # noqa: E402
-from papm_core.fusion import build_head, embed, head_accuracy, random_mask  # noqa: E402
+from papm_core.fusion import build_head, embed, embedding_dim, head_accuracy, random_mask  # noqa: E402
 from papm_core.loader import batches  # noqa: E402
 from papm_core.specialize import base_split, reference_splits  # noqa: E402
 
@@ -46,12 +50,15 @@ def soft_targets(base, s: Split, temp: float) -> torch.Tensor:
     return F.softmax(logits / temp, 1)
 
 
-def train(xf, yf, soft, vf, vy, dims, k, seed, kd, temp=4.0, epochs=200, patience=20, bs=128, lr=5e-4):
+def train(xf, yf, soft, vf, vy, dims, k, seed, kd, temp=4.0, epochs=200, patience=20, bs=128, lr=5e-4,
+          owners=None):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = build_head(dims, k)
+    head = build_head(dims, k, owners=owners)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     best, bad = (-1.0, None), 0
+    if owners is not None:  # epoch 0: the prior alone (the MLP's last layer starts at zero)
+        best = (head_accuracy(head, vf, vy), copy.deepcopy(head.state_dict()))
     for _ in range(epochs):
         head.train()
         order = torch.randperm(len(xf), generator=gen)
@@ -84,10 +91,12 @@ def main() -> int:
     ap.add_argument("--devices", type=int, nargs="+", default=[2, 5, 10])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--kd", type=float, default=0.9, help="weight of the distillation term")
+    ap.add_argument("--base", default=None, help="base checkpoint (default: RUN/base.pt)")
+    ap.add_argument("--recipes", nargs="+", default=["ce", "ce+flip", "kd", "kd+flip", "owner-only", "owner"])
     ap.add_argument("--data", default=None)
     args = ap.parse_args()
     run = Path(args.run)
-    base, meta = checkpoint.load(run / "base.pt")
+    base, meta = checkpoint.load(args.base or run / "base.pt")
     cfg = json.loads((run / "config.json").read_text())
     ds = load_dataset(args.data)
     _, ref, val = reference_splits(ds, base_split(meta), int(cfg["prune"]["ref_size"]))
@@ -99,15 +108,18 @@ def main() -> int:
         models = [checkpoint.load(run / "store" / "pruned" / f"{d['key']}.pt")[0].eval() for d in res["per_device"]]
         feats = {name: torch.cat([torch.as_tensor(embed(m, s)) for m in models], 1)
                  for name, s in (("ref", ref), ("flip", flip(ref)), ("val", val), ("test", test))}
-        dims = [int(m.num_features) for m in models]
-        for recipe in ("ce", "ce+flip", "kd", "kd+flip"):
+        dims = [embedding_dim(m) for m in models]
+        owners = [d["classes"] for d in res["per_device"]]
+        for recipe in args.recipes:
             xf, yf, sf = feats["ref"], ref.y, soft["ref"]
             if "flip" in recipe:
                 xf, yf, sf = torch.cat([xf, feats["flip"]]), torch.cat([yf, ref.y]), torch.cat([sf, soft["flip"]])
             accs = []
             for seed in args.seeds:
                 head, v = train(xf, yf, sf, feats["val"], val.y, dims, len(ds.classes), seed,
-                                args.kd if recipe.startswith("kd") else 0.0)
+                                args.kd if recipe.startswith("kd") else 0.0,
+                                epochs=0 if recipe == "owner-only" else 200,
+                                owners=owners if recipe.startswith("owner") else None)
                 accs.append((v, head_accuracy(head, feats["test"], test.y)))
             pick = max(accs)
             rows.append({"N": n, "recipe": recipe, "val_pick": pick[0], "test_pick": pick[1],

@@ -7,7 +7,8 @@ Message types (the strategy in ``strategies/papm.py`` sends them):
 - ``train.prune``: classes, r, alpha, recipe (+ the public reference and validation
   sets) -> PAPM pruning and fine-tuning on the local shard; the model stays in the
   node's store, the reply carries metrics and the width spec, never weights.
-- ``query.embed``: public images -> frozen embeddings of the node's pruned model.
+- ``query.embed``: public images -> frozen embeddings of the node's pruned model (pooled
+  features and its own class log-probabilities, ``papm_core.fusion.device_embedding``).
 - ``evaluate``: test images -> embeddings, the model's own predictions, and this node's
   batch-1 latency measured here.
 

@@ -273,6 +273,8 @@ def _add_fuse(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--patience", type=int, default=20)
     p.add_argument("--device-dropout", type=float, default=0.2, help="chance to mask each device")
+    p.add_argument("--prior", choices=("owner", "none"), default="owner",
+                   help="owner: add each class's log-probability from the devices serving it (default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="default checkpoints/fusion_n<N>_th<T>.pt")
     p.set_defaults(func=cmd_fuse)
@@ -327,7 +329,7 @@ def cmd_fuse(args) -> int:
     out = args.out or str(Path(args.ckpt_dir) / f"fusion_n{len(paths)}_th{args.threshold}.pt")
     res = run_fuse(paths, out, args.data, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, patience=args.patience, device_dropout=args.device_dropout,
-                   seed=args.seed)
+                   seed=args.seed, prior=args.prior)
     print(f"fusion head over {len(paths)} devices: best val {res['val_acc']:.2f}% at epoch "
           f"{res['best_epoch']} ({res['epochs_run']} run); saved {res['path']}")
     return 0

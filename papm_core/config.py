@@ -129,6 +129,9 @@ class PruneConfig:
         return _check(self, checks)
 
 
+PRIORS = ("owner", "none")
+
+
 @dataclass
 class FuseConfig:
     """The fusion head: Adam on reference embeddings, early stopping on validation."""
@@ -141,6 +144,7 @@ class FuseConfig:
     hidden: int = 512
     dropout: float = 0.3
     head_seeds: int = 3              # heads trained per run; validation picks one
+    prior: str = "owner"             # owner: MLP + each class scored by its own devices | none: MLP only
 
     def validate(self) -> "FuseConfig":
         checks = [(self.epochs >= 1 and self.patience >= 1, "fusion epochs and patience must be >= 1"),
@@ -148,7 +152,8 @@ class FuseConfig:
                   (self.lr > 0, "fusion lr must be positive"),
                   (0 <= self.device_dropout < 1, "device_dropout must lie in [0, 1)"),
                   (0 <= self.dropout < 1, "fusion dropout must lie in [0, 1)"),
-                  (self.head_seeds >= 1, "head_seeds must be >= 1")]
+                  (self.head_seeds >= 1, "head_seeds must be >= 1"),
+                  (self.prior in PRIORS, f"fusion prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")]
         return _check(self, checks)
 
 

@@ -69,8 +69,9 @@ def stack(feats: dict[int, np.ndarray], order: list[int], dims: list[int], n: in
 
 
 def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref: Split, val: Split,
-         num_classes: int, cfg: FuseConfig, seed: int, on_epoch=None):
-    """Train the head over the devices that sent both reference and validation embeddings."""
+         num_classes: int, cfg: FuseConfig, seed: int, owners: dict[int, list[int]], on_epoch=None):
+    """Train the head over the devices that sent both reference and validation embeddings;
+    ``owners``: the classes each device serves (the head's specialist prior)."""
     order = sorted(set(ref_feats) & set(val_feats))
     if not order:
         raise PapmError("no device delivered embeddings; nothing to fuse")
@@ -80,7 +81,8 @@ def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref
     res = train_head(xr.numpy(), ref.y.cpu().numpy(), xv.numpy(), val.y.cpu().numpy(), dims,
                      num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                      patience=cfg.patience, device_dropout=cfg.device_dropout, seed=seed,
-                     hidden=cfg.hidden, dropout=cfg.dropout, on_epoch=on_epoch)
+                     hidden=cfg.hidden, dropout=cfg.dropout, on_epoch=on_epoch,
+                     owners=[owners[i] for i in order] if cfg.prior == "owner" else None)
     return res, order, dims
 
 

@@ -1,15 +1,21 @@
 """Fusion head over frozen device embeddings, with device dropout: ``fuse(...) -> FuseResult``.
 
-Devices upload only embeddings (``embed``: ``forward_features`` of their pruned model) of
-the server's public reference set; the server trains the head on them, stops early on
+Devices upload only embeddings (``embed``) of the server's public reference set: per image,
+their pooled ``forward_features`` and their own classifier's log-probabilities over all
+classes (``device_embedding``); the server trains the head on them, stops early on
 validation embeddings and reports on test embeddings.
 
 The head (``FusionHead``) normalises each device's embedding with its own BatchNorm,
 multiplies it by that device's presence mask (0 = missing), rescales the present
 blocks by N / n_present (as inverted dropout does) and appends the mask itself, then
-applies an MLP (Linear-BN-ReLU-Dropout-Linear). Training masks whole devices at random
-(``device_dropout``); inference masks a missing device exactly the same way, so
-training and inference follow one code path and no features are made up.
+applies an MLP (Linear-BN-ReLU-Dropout-Linear). With ``prior = "owner"`` (the default)
+the MLP's output is added to a parameter-free specialist prior: each class's score is the
+mean log-probability that the devices serving that class give it (``owner_prior``), and
+the MLP's last layer starts at zero, so training begins from the prior and validation
+keeps it unless the MLP improves on it. Training masks whole devices at random
+(``device_dropout``); inference masks a missing device exactly the same way (a class
+whose devices are all missing is scored by every present device), so training and
+inference follow one code path and no features are made up.
 
 Example: ``papm fuse --ckpts checkpoints/pruned_class0-1-8-9_th77.pt checkpoints/pruned_class2-3-4-5-6-7_th77.pt``
 """
@@ -47,6 +53,21 @@ class FusionHead(nn.Module):
         n = len(self.dims)
         self.mlp = nn.Sequential(nn.Linear(sum(self.dims) + n, hidden), nn.BatchNorm1d(hidden),
                                  nn.ReLU(inplace=True), nn.Dropout(p), nn.Linear(hidden, k))
+        owners = spec.get("owners")  # the classes each device serves; None = no prior
+        self.k = k
+        if owners is not None:
+            if len(owners) != n or any(d <= k for d in self.dims) or \
+                    any(not 0 <= int(c) < k for g in owners for c in g):
+                raise PapmError(f"invalid fusion-head spec: owners {owners} do not fit {n} devices, "
+                                f"widths {self.dims} and {k} classes")
+            own = torch.zeros(n, k)
+            for i, g in enumerate(owners):
+                own[i, [int(c) for c in g]] = 1.0
+            self.register_buffer("owner", own, persistent=False)  # rebuilt from the spec on load
+            nn.init.zeros_(self.mlp[-1].weight)  # start from the prior (a loaded state overwrites)
+            nn.init.zeros_(self.mlp[-1].bias)
+        else:
+            self.owner = None
 
     def combine(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[n, sum(dims)] embeddings + [n, N] presence mask -> the MLP's input."""
@@ -57,25 +78,56 @@ class FusionHead(nn.Module):
             start += d
         return torch.cat(parts + [mask], 1)
 
+    def owner_prior(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[n, K]: each class's mean log-probability over the present devices that serve it;
+        over every present device where all of its own devices are missing."""
+        ends = torch.tensor(self.dims).cumsum(0).tolist()
+        logp = torch.stack([feats[:, e - self.k:e] for e in ends], 1)  # [n, N, K]
+        present = mask[:, :, None].expand_as(logp)
+        own = present * self.owner
+        w = torch.where(own.sum(1, keepdim=True) > 0, own, present)
+        return (w * logp).sum(1) / w.sum(1).clamp(min=1e-12)
+
     def forward(self, feats: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is None:
             mask = torch.ones(feats.shape[0], len(self.dims), device=feats.device)
-        return self.mlp(self.combine(feats, mask))
+        out = self.mlp(self.combine(feats, mask))
+        return out if self.owner is None else out + self.owner_prior(feats, mask)
 
 
-def build_head(dims: list[int], num_classes: int, hidden: int = 512, dropout: float = 0.3) -> FusionHead:
-    return FusionHead({"arch": "fusion-mlp", "dims": list(dims), "num_classes": num_classes,
-                       "hidden": hidden, "dropout": dropout})
+def build_head(dims: list[int], num_classes: int, hidden: int = 512, dropout: float = 0.3,
+               owners: list[list[int]] | None = None) -> FusionHead:
+    """``dims``: each device's embedding width (features + K log-probabilities);
+    ``owners``: the classes each device serves, for the specialist prior (None: MLP only)."""
+    spec = {"arch": "fusion-mlp", "dims": list(dims), "num_classes": num_classes,
+            "hidden": hidden, "dropout": dropout}
+    if owners is not None:
+        spec["owners"] = [sorted(int(c) for c in g) for g in owners]
+    return FusionHead(spec)
+
+
+def device_embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a device uploads per normalised image: its pooled features and its own
+    classifier's log-probabilities over all classes, float32 [n, num_features + K]."""
+    f = model.forward_features(x).float()
+    return torch.cat([f, F.log_softmax(model.forward_head(f).float(), 1)], 1)
+
+
+def embedding_dim(model: nn.Module) -> int:
+    """Width of ``device_embedding``: num_features + the classifier's class count."""
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        k = model.forward_head(torch.zeros(1, model.num_features, device=dev)).shape[1]
+    return int(model.num_features) + int(k)
 
 
 @torch.no_grad()
 def embed(model: nn.Module, images: Split, batch_size: int = 500) -> np.ndarray:
-    """Frozen embeddings (float32 [n, d]) of ``images`` through ``forward_features``."""
+    """Frozen embeddings (float32 [n, d + K], ``device_embedding``) of ``images``."""
     model.eval()
     dev = next(model.parameters()).device
-    out = [model.forward_features(x).float().cpu() for x, _ in
-           batches(images.to(dev), batch_size, train=False)]
-    return torch.cat(out).numpy() if out else np.zeros((0, model.num_features), np.float32)
+    out = [device_embedding(model, x).cpu() for x, _ in batches(images.to(dev), batch_size, train=False)]
+    return torch.cat(out).numpy() if out else np.zeros((0, embedding_dim(model)), np.float32)
 
 
 @torch.no_grad()
@@ -83,7 +135,7 @@ def fused_logits(head: FusionHead, models: list[nn.Module], x: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
     """The live path: normalised images through every device extractor, then the head."""
     head.eval()
-    feats = torch.cat([m.eval().forward_features(x).float() for m in models], 1)
+    feats = torch.cat([device_embedding(m.eval(), x) for m in models], 1)
     return head(feats, mask)
 
 
@@ -97,7 +149,8 @@ def images_key(split: Split) -> str:
 def cached_embed(ckpt_path: str | Path, model: nn.Module, images: Split,
                  root: Path | None = None) -> np.ndarray:
     """``embed`` cached on disk by (device checkpoint sha256, images hash)."""
-    key = f"{file_sha256(ckpt_path)[:32]}-{images_key(images)}"
+    # "e2": features + log-probabilities (entries of the features-only format are not read)
+    key = f"{file_sha256(ckpt_path)[:32]}-{images_key(images)}-e2"
     path = (root or cache_dir() / "embeddings") / f"{key}.npy"
     if path.is_file():
         try:
@@ -152,18 +205,23 @@ def head_accuracy(head: FusionHead, feats: torch.Tensor, y: torch.Tensor,
 def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray,
                dims: list[int], num_classes: int, *, epochs: int = 200, batch_size: int = 128,
                lr: float = 5e-4, patience: int = 20, device_dropout: float = 0.2, seed: int = 0,
-               hidden: int = 512, dropout: float = 0.3, on_epoch=None) -> FuseResult:
-    """Adam on the reference embeddings; early stopping on validation accuracy."""
+               hidden: int = 512, dropout: float = 0.3, owners: list[list[int]] | None = None,
+               on_epoch=None) -> FuseResult:
+    """Adam on the reference embeddings; early stopping on validation accuracy. With
+    ``owners`` (the specialist prior) the untrained head, which is the prior alone, is
+    validated first as epoch 0, so the MLP is kept only where it beats the prior."""
     if sum(dims) != train_f.shape[1] or sum(dims) != val_f.shape[1]:
         raise PapmError(f"embedding widths {train_f.shape[1]}/{val_f.shape[1]} do not match "
                         f"the devices' dims {dims}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = build_head(dims, num_classes, hidden, dropout)
+    head = build_head(dims, num_classes, hidden, dropout, owners)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
     xf, yf = torch.as_tensor(train_f), torch.as_tensor(train_y)
     vf, vy = torch.as_tensor(val_f), torch.as_tensor(val_y)
     best = {"val": -1.0, "epoch": 0, "state": None}
+    if owners is not None:
+        best["val"], best["state"] = head_accuracy(head, vf, vy), copy.deepcopy(head.state_dict())
     history, bad = [], 0
     for epoch in range(1, epochs + 1):
         head.train()

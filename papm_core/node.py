@@ -242,7 +242,8 @@ def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200) -> 
     with machine_lock(store, exclusive=False):
         feats = cached_embed(path, model, images, root=Path(store) / "embeddings")
         with torch.no_grad():
-            pred = model.forward_head(torch.as_tensor(feats)).argmax(1).numpy().astype(np.int64)
+            # the embedding ends with the model's own log-probabilities
+            pred = feats[:, model.num_features:].argmax(1).astype(np.int64)
     with machine_lock(store, exclusive=True):
         lat = latency_ms(model, runs)
     return {"features": feats, "pred": pred, "latency_ms": lat["median_ms"],

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint
 from .data import load_dataset
 from .evaluate import accuracy, latency_ms
-from .fusion import cached_embed, head_accuracy, head_latency_ms, train_head
+from .fusion import cached_embed, embedding_dim, head_accuracy, head_latency_ms, train_head
 from .specialize import output_name, reference_splits
 from .util import PapmError, file_sha256
 
@@ -62,20 +62,21 @@ def features(paths, models, split) -> np.ndarray:
 
 def run_fuse(paths: list[Path], out: str | Path, data: str | None = None, *, epochs: int = 200,
              batch_size: int = 128, lr: float = 5e-4, patience: int = 20,
-             device_dropout: float = 0.2, seed: int = 0, on_epoch=None) -> dict:
+             device_dropout: float = 0.2, seed: int = 0, prior: str = "owner", on_epoch=None) -> dict:
     """Train and save the fusion head for these device checkpoints; returns its summary."""
     models, metas = load_devices(paths)
     ds, ref, val = system_data(metas, data)
-    dims = [m.num_features for m in models]
+    dims = [embedding_dim(m) for m in models]
+    owners = [m["served_classes"] for m in metas] if prior == "owner" else None
     res = train_head(features(paths, models, ref), ref.y.numpy(), features(paths, models, val),
                      val.y.numpy(), dims, len(ds.classes), epochs=epochs, batch_size=batch_size,
                      lr=lr, patience=patience, device_dropout=device_dropout, seed=seed,
-                     on_epoch=on_epoch)
+                     owners=owners, on_epoch=on_epoch)
     devices = [{"path": str(p), "sha256": file_sha256(p), "dim": d, "classes": m["served_classes"]}
                for p, d, m in zip(paths, dims, metas)]
     metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
     cfg = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-           "device_dropout": device_dropout, "seed": seed, "reference_images": len(ref)}
+           "device_dropout": device_dropout, "seed": seed, "prior": prior, "reference_images": len(ref)}
     checkpoint.save(out, res.head, kind="fusion", class_names=ds.classes, metrics=metrics,
                     config=cfg, extra={"devices": devices, "base": metas[0]["base"]})
     return {"path": str(out), **metrics, "devices": devices}

@@ -237,7 +237,7 @@ class PapmStrategy:
         heads = []
         for k in range(self.fuse_cfg.head_seeds):  # device models fixed; only the head's seed varies
             res, order, dims = fuse(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg,
-                                    self.seed + k)
+                                    self.seed + k, {d: self.groups[d] for d in ref_f})
             heads.append(res)
         pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))
         res = heads[pick]

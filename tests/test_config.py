@@ -47,3 +47,6 @@ def test_bad_presets_fail_in_one_message(tmp_path):
     bad.write_text("[prune\n")
     with pytest.raises(PapmError, match="not valid TOML"):
         load_all(str(bad))
+    bad.write_text('[fuse]\nprior = "mean"\n')
+    with pytest.raises(PapmError, match="fusion prior must be one of owner, none"):
+        load_all(str(bad))

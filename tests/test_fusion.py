@@ -9,8 +9,8 @@ import torch
 from conftest import run_cli, write_tree
 from papm_core import checkpoint, loader
 from papm_core.data import subsample
-from papm_core.fusion import (build_head, cached_embed, embed, fused_logits, head_accuracy,
-                              random_mask, train_head)
+from papm_core.fusion import (build_head, cached_embed, embed, embedding_dim, fused_logits,
+                              head_accuracy, random_mask, train_head)
 from papm_core.loader import normalize
 from papm_core.models import build_model, resnet18_spec
 from papm_core.system import load_system, run_fuse, split_eval
@@ -42,11 +42,81 @@ def test_cached_equals_live_path(tmp_path, cifar):
     models = [_model(0), _model(1)]
     paths = [checkpoint.save(tmp_path / f"d{i}.pt", m, kind="pruned", class_names=cifar.classes)
              for i, m in enumerate(models)]
-    head = build_head([m.num_features for m in models], 10).eval()
+    dims = [embedding_dim(m) for m in models]
+    assert dims == [m.num_features + 10 for m in models]
     cached = torch.as_tensor(np.concatenate([cached_embed(p, m, imgs, tmp_path / "c")
                                              for p, m in zip(paths, models)], 1))
-    live = fused_logits(head, models, normalize(imgs.x))
-    assert torch.allclose(head(cached), live, atol=1e-5)
+    for owners in (None, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]):
+        head = build_head(dims, 10, owners=owners).eval()
+        live = fused_logits(head, models, normalize(imgs.x))
+        assert torch.allclose(head(cached), live, atol=1e-5)
+    # the embedding ends with the device's own log-probabilities
+    own = torch.as_tensor(cached[:, dims[0] - 10:dims[0]])
+    assert torch.allclose(own, torch.log_softmax(models[0](normalize(imgs.x)), 1), atol=1e-5)
+
+
+def _prior_head():
+    """3 devices with 2-d features + 4 log-probabilities each; device 2 serves classes 2, 3
+    and so does device 1 for class 3; class 0 and 1 are device 0's."""
+    head = build_head([6, 6, 6], 4, owners=[[0, 1], [3], [2, 3]]).eval()
+    feats = torch.randn(5, 18)
+    for e in (6, 12, 18):
+        feats[:, e - 4:e] = torch.log_softmax(torch.randn(5, 4), 1)
+    return head, feats
+
+
+def test_owner_prior_scores_each_class_by_its_devices():
+    head, feats = _prior_head()
+    lp = [feats[:, e - 4:e] for e in (6, 12, 18)]
+    full = torch.ones(5, 3)
+    expect = torch.stack([lp[0][:, 0], lp[0][:, 1], lp[2][:, 2], (lp[1][:, 3] + lp[2][:, 3]) / 2], 1)
+    assert torch.allclose(head.owner_prior(feats, full), expect, atol=1e-6)
+    # the MLP's last layer starts at zero: an untrained head is the prior alone
+    assert torch.allclose(head(feats), expect, atol=1e-6)
+    # device 0 missing: its classes are scored by every present device, the rest as before
+    m = full.clone()
+    m[:, 0] = 0
+    got = head.owner_prior(feats, m)
+    assert torch.allclose(got[:, :2], (lp[1][:, :2] + lp[2][:, :2]) / 2, atol=1e-6)
+    assert torch.allclose(got[:, 2:], expect[:, 2:], atol=1e-6)
+    # whatever a missing device would have sent is ignored, prior and MLP alike
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_()
+    junk = feats.clone()
+    junk[:, :6] = 777.0
+    assert torch.equal(head(feats, m), head(junk, m))
+
+
+def test_owner_spec_checked_and_saved(tmp_path):
+    with pytest.raises(PapmError, match="owners"):
+        build_head([6, 6], 4, owners=[[0, 1]])  # one device's classes for two devices
+    with pytest.raises(PapmError, match="owners"):
+        build_head([6, 6], 4, owners=[[0], [4]])  # class 4 of 4
+    head, feats = _prior_head()
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_()
+    path = checkpoint.save(tmp_path / "h.pt", head, kind="fusion", class_names=list("abcd"))
+    loaded, _ = checkpoint.load(path)
+    assert torch.equal(loaded(feats), head(feats))
+
+
+def test_training_keeps_the_prior_unless_it_beats_it():
+    """Epoch 0 (the prior alone) is validated first: the head returned never scores below
+    the prior on validation, and if no epoch beat it, it is the prior exactly."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (200,), generator=gen)
+    def feats(y):
+        lp = torch.full((len(y), 4), -3.0)
+        lp[torch.arange(len(y)), y] = -0.1  # a device that is always right
+        lp = torch.where(torch.rand(len(y), 1, generator=gen) < 0.8, lp, lp.roll(1, 1))  # 80 %
+        return torch.cat([torch.randn(len(y), 2, generator=gen), lp, torch.randn(len(y), 6, generator=gen)], 1)
+    tr, va = feats(y), feats(y)
+    res = train_head(tr.numpy(), y.numpy(), va.numpy(), y.numpy(), [6, 6], 4, epochs=5, patience=5,
+                     owners=[[0, 1, 2, 3], []])
+    prior = 100.0 * (res.head.owner_prior(va, torch.ones(200, 2)).argmax(1) == y).float().mean().item()
+    assert res.best_val >= prior and abs(prior - 80.0) < 8.0
+    if res.best_epoch == 0:
+        assert head_accuracy(res.head, va, y) == prior
 
 
 def test_mask_is_the_training_dropout():
@@ -76,7 +146,7 @@ def test_missing_device_above_chance(cifar):
     models = [_model(0), _model(1)]
     f_tr = np.concatenate([embed(m, tr) for m in models], 1)
     f_va = np.concatenate([embed(m, va) for m in models], 1)
-    res = train_head(f_tr, tr.y.numpy(), f_va, va.y.numpy(), [m.num_features for m in models], 3,
+    res = train_head(f_tr, tr.y.numpy(), f_va, va.y.numpy(), [embedding_dim(m) for m in models], 3,
                      epochs=60, patience=60, lr=2e-3, device_dropout=0.3)
     fv = torch.as_tensor(f_va)
     for i in range(2):
