@@ -125,7 +125,9 @@ def test_client_handlers_reject_malformed_messages_and_keep_working(tmp_path, mo
     checkpoint.save(_pruned_path(tmp_path / "store", "k"), model, kind="pruned", class_names=list("abcdefghij"))
     rep = embed(Message(wire.pack({"key": "k"}, imgs), dst_node_id=1, message_type="query.embed"), ctx)
     feats = wire.array(rep.content, "ref_f", "float32", (4, None))
-    assert feats.shape[1] == model.forward_features(torch.zeros(1, 3, 32, 32)).shape[1]
+    # pooled features, then the model's 10 class log-probabilities
+    assert feats.shape[1] == model.forward_features(torch.zeros(1, 3, 32, 32)).shape[1] + 10
+    assert np.allclose(np.exp(feats[:, -10:]).sum(1), 1.0, atol=1e-5)
 
 
 def test_server_masks_malformed_replies():
