@@ -10,8 +10,10 @@ public reference, validation and test sets once, and trains heads with:
 - ``kd+flip``: both;
 - ``owner-only``: no training, each class scored by the mean log-probability the devices
   serving it give it (the head's specialist prior alone);
-- ``owner``: the prior plus the MLP trained with cross-entropy (the default head,
-  ``fuse.prior = "owner"``; validated from epoch 0, so it keeps the prior unless it beats it).
+- ``owner``: the default head (``fuse.prior = "owner"``, ``papm_core.fusion.train_head``): the
+  prior plus the MLP trained with cross-entropy, kept only if its paired validation gain over
+  the prior reaches z >= 1.645 (``fuse.min_gain_z``);
+- ``owner-any``: the same, keeping the MLP on any validation gain (``min_gain_z = 0``).
 
 Selection on validation, test reported once per head. Example::
 
@@ -34,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from papm_core import checkpoint  # noqa: E402
 from papm_core.data import Split, load_dataset  # noqa: E402
-from papm_core.fusion import build_head, embed, embedding_dim, head_accuracy, random_mask  # noqa: E402
+from papm_core.fusion import (build_head, embed, embedding_dim, head_accuracy, random_mask,  # noqa: E402
+                              train_head)
 from papm_core.loader import batches  # noqa: E402
 from papm_core.specialize import base_split, reference_splits  # noqa: E402
 
@@ -92,7 +95,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--kd", type=float, default=0.9, help="weight of the distillation term")
     ap.add_argument("--base", default=None, help="base checkpoint (default: RUN/base.pt)")
-    ap.add_argument("--recipes", nargs="+", default=["ce", "ce+flip", "kd", "kd+flip", "owner-only", "owner"])
+    ap.add_argument("--recipes", nargs="+",
+                    default=["ce", "ce+flip", "kd", "kd+flip", "owner-only", "owner-any", "owner"])
     ap.add_argument("--data", default=None)
     args = ap.parse_args()
     run = Path(args.run)
@@ -116,10 +120,16 @@ def main() -> int:
                 xf, yf, sf = torch.cat([xf, feats["flip"]]), torch.cat([yf, ref.y]), torch.cat([sf, soft["flip"]])
             accs = []
             for seed in args.seeds:
+                if recipe in ("owner", "owner-any"):  # the product's own training
+                    fr = train_head(xf.numpy(), yf.numpy(), feats["val"].numpy(), val.y.numpy(), dims,
+                                     len(ds.classes), seed=seed, owners=owners,
+                                     min_gain_z=0.0 if recipe == "owner-any" else 1.645)
+                    accs.append((fr.best_val, head_accuracy(fr.head, feats["test"], test.y)))
+                    continue
                 head, v = train(xf, yf, sf, feats["val"], val.y, dims, len(ds.classes), seed,
                                 args.kd if recipe.startswith("kd") else 0.0,
                                 epochs=0 if recipe == "owner-only" else 200,
-                                owners=owners if recipe.startswith("owner") else None)
+                                owners=owners if recipe == "owner-only" else None)
                 accs.append((v, head_accuracy(head, feats["test"], test.y)))
             pick = max(accs)
             rows.append({"N": n, "recipe": recipe, "val_pick": pick[0], "test_pick": pick[1],

@@ -275,6 +275,9 @@ def _add_fuse(sub) -> None:
     p.add_argument("--device-dropout", type=float, default=0.2, help="chance to mask each device")
     p.add_argument("--prior", choices=("owner", "none"), default="owner",
                    help="owner: add each class's log-probability from the devices serving it (default)")
+    p.add_argument("--min-gain-z", type=float, default=1.645,
+                   help="with the prior: keep the trained MLP only if its paired validation gain "
+                        "reaches this z (default 1.645, one-sided 5 %%; 0 = any gain)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="default checkpoints/fusion_n<N>_th<T>.pt")
     p.set_defaults(func=cmd_fuse)
@@ -323,15 +326,19 @@ def cmd_fuse(args) -> int:
         paths = resolve_ckpts(groups[args.devices], args.ckpt_dir, args.threshold)
     else:
         raise PapmError("give --ckpts, or --groups with --devices")
-    if args.epochs < 1 or args.batch_size < 2 or args.patience < 1 or not 0 <= args.device_dropout < 1:
+    if args.epochs < 1 or args.batch_size < 2 or args.patience < 1 or not 0 <= args.device_dropout < 1 \
+            or args.min_gain_z < 0:
         raise PapmError("--epochs and --patience must be >= 1, --batch-size >= 2, "
-                        "--device-dropout in [0, 1)")
+                        "--device-dropout in [0, 1), --min-gain-z >= 0")
     out = args.out or str(Path(args.ckpt_dir) / f"fusion_n{len(paths)}_th{args.threshold}.pt")
     res = run_fuse(paths, out, args.data, epochs=args.epochs, batch_size=args.batch_size,
                    lr=args.lr, patience=args.patience, device_dropout=args.device_dropout,
-                   seed=args.seed, prior=args.prior)
+                   seed=args.seed, prior=args.prior, min_gain_z=args.min_gain_z)
+    kept = "" if res["prior_val"] is None else (
+        f"; prior alone {res['prior_val']:.2f}%, " + ("kept" if res["best_epoch"] == 0 else "MLP kept")
+        + ("" if res["gain_z"] is None else f" (gain z {res['gain_z']:.2f})"))
     print(f"fusion head over {len(paths)} devices: best val {res['val_acc']:.2f}% at epoch "
-          f"{res['best_epoch']} ({res['epochs_run']} run); saved {res['path']}")
+          f"{res['best_epoch']} ({res['epochs_run']} run){kept}; saved {res['path']}")
     return 0
 
 

@@ -145,6 +145,8 @@ class FuseConfig:
     dropout: float = 0.3
     head_seeds: int = 3              # heads trained per run; validation picks one
     prior: str = "owner"             # owner: MLP + each class scored by its own devices | none: MLP only
+    min_gain_z: float = 1.645        # with the prior: keep the trained MLP only if its validation gain
+                                     # is this significant (paired z; 1.645 = one-sided 5 %, 0 = any gain)
 
     def validate(self) -> "FuseConfig":
         checks = [(self.epochs >= 1 and self.patience >= 1, "fusion epochs and patience must be >= 1"),
@@ -153,6 +155,7 @@ class FuseConfig:
                   (0 <= self.device_dropout < 1, "device_dropout must lie in [0, 1)"),
                   (0 <= self.dropout < 1, "fusion dropout must lie in [0, 1)"),
                   (self.head_seeds >= 1, "head_seeds must be >= 1"),
+                  (self.min_gain_z >= 0, f"min_gain_z must be >= 0, got {self.min_gain_z}"),
                   (self.prior in PRIORS, f"fusion prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")]
         return _check(self, checks)
 

@@ -82,7 +82,8 @@ def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref
                      num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                      patience=cfg.patience, device_dropout=cfg.device_dropout, seed=seed,
                      hidden=cfg.hidden, dropout=cfg.dropout, on_epoch=on_epoch,
-                     owners=[owners[i] for i in order] if cfg.prior == "owner" else None)
+                     owners=[owners[i] for i in order] if cfg.prior == "owner" else None,
+                     min_gain_z=cfg.min_gain_z)
     return res, order, dims
 
 

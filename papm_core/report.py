@@ -70,12 +70,19 @@ def load_results(out: Path, devices: list[int], cfg: dict | None = None) -> dict
     return dict(sorted(res.items()))
 
 
+def _head(f: dict) -> str | None:
+    """The selected head's kind, with the paired z of the MLP's validation gain over the prior."""
+    if "head" not in f:
+        return None
+    return f["head"] + ("" if f.get("gain_z") is None else f" (z {f['gain_z']:.1f})")
+
+
 def fusion_rows(res: dict[int, dict]) -> list[dict]:
     rows = []
     for n, r in sorted(res.items()):
         f, lat = r["fusion"], [d.get("latency_ms") for d in r["per_device"] if d.get("latency_ms")]
         orig = ORIGINAL.get(n, (None, None, None))
-        rows.append({"N": n, "fused acc %": f["test_acc"], "best acc %": f.get("seed_best"),
+        rows.append({"N": n, "fused acc %": f["test_acc"], "head": _head(f), "best acc %": f.get("seed_best"),
                      "mean acc %": f.get("seed_mean"), "base − fused": r["base"]["test_acc"] - f["test_acc"],
                      "worst, one missing %": f.get("missing_one_worst"),
                      "mean, one missing %": f.get("missing_one_mean"),
@@ -189,7 +196,10 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
           "## Baseline\n", _table(brow),
           "\nPer-class test accuracy (%):\n", _table([{"class": "acc", **base["test_per_class"]}]),
           "\n## Fusion by device count\n",
-          "`fused acc` is the head selected on validation. `best`/`mean` are over the fusion-head seeds "
+          "`fused acc` is the head selected on validation; `head` says what it is: `prior` scores each class "
+          "by the devices serving it, `prior + MLP` adds the trained MLP, kept only where its paired "
+          f"validation gain over the prior reached z ≥ {cfg['fuse'].get('min_gain_z', 0)} (z shown). "
+          "`best`/`mean` are over the fusion-head seeds "
           f"(device models fixed; {cfg['fuse'].get('head_seeds', 1)} seeds), each measured on test. "
           "`inference ms` is the largest per-device batch-1 latency, measured on each node"
           f"{_threads_note(base)}.\n", shared_machine_note(extra.get("timings", {}), base), "\n",

@@ -62,7 +62,8 @@ def features(paths, models, split) -> np.ndarray:
 
 def run_fuse(paths: list[Path], out: str | Path, data: str | None = None, *, epochs: int = 200,
              batch_size: int = 128, lr: float = 5e-4, patience: int = 20,
-             device_dropout: float = 0.2, seed: int = 0, prior: str = "owner", on_epoch=None) -> dict:
+             device_dropout: float = 0.2, seed: int = 0, prior: str = "owner", min_gain_z: float = 1.645,
+             on_epoch=None) -> dict:
     """Train and save the fusion head for these device checkpoints; returns its summary."""
     models, metas = load_devices(paths)
     ds, ref, val = system_data(metas, data)
@@ -71,12 +72,14 @@ def run_fuse(paths: list[Path], out: str | Path, data: str | None = None, *, epo
     res = train_head(features(paths, models, ref), ref.y.numpy(), features(paths, models, val),
                      val.y.numpy(), dims, len(ds.classes), epochs=epochs, batch_size=batch_size,
                      lr=lr, patience=patience, device_dropout=device_dropout, seed=seed,
-                     owners=owners, on_epoch=on_epoch)
+                     owners=owners, min_gain_z=min_gain_z, on_epoch=on_epoch)
     devices = [{"path": str(p), "sha256": file_sha256(p), "dim": d, "classes": m["served_classes"]}
                for p, d, m in zip(paths, dims, metas)]
-    metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run}
+    metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
+               "prior_val": res.prior_val, "gain_z": res.gain_z}
     cfg = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-           "device_dropout": device_dropout, "seed": seed, "prior": prior, "reference_images": len(ref)}
+           "device_dropout": device_dropout, "seed": seed, "prior": prior, "min_gain_z": min_gain_z,
+           "reference_images": len(ref)}
     checkpoint.save(out, res.head, kind="fusion", class_names=ds.classes, metrics=metrics,
                     config=cfg, extra={"devices": devices, "base": metas[0]["base"]})
     return {"path": str(out), **metrics, "devices": devices}

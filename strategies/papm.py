@@ -37,7 +37,7 @@ from papm_core import checkpoint
 from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
 from papm_core.data import Dataset, Split, subsample
 from papm_core.federation import device_figures, fuse, fused_figures, match_groups, save_head, stack
-from papm_core.fusion import head_accuracy, head_latency_ms
+from papm_core.fusion import head_accuracy, head_kind, head_latency_ms
 from papm_core.grouping import ClassStats, group_classes, merge_stats, similarity
 from papm_core.node import prune_key
 from papm_core.util import PapmError, write_json
@@ -244,7 +244,8 @@ class PapmStrategy:
         devices = [{"device": d, "key": self.keys[d], "dim": dm, "classes": self.groups[d]}
                    for d, dm in zip(order, dims)]
         metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-                   "head_seed": self.seed + pick}
+                   "head_seed": self.seed + pick, "prior_val": res.prior_val, "gain_z": res.gain_z,
+                   "head": head_kind(res)}
         save_head(head_path, res.head, self.ds.classes, devices, self.fuse_cfg, metrics,
                   {"sha256": self.base_sha, "split": self.split})
         metrics.update(head_mb=checkpoint.file_mb(head_path), seconds=time.monotonic() - t0)

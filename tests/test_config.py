@@ -50,3 +50,6 @@ def test_bad_presets_fail_in_one_message(tmp_path):
     bad.write_text('[fuse]\nprior = "mean"\n')
     with pytest.raises(PapmError, match="fusion prior must be one of owner, none"):
         load_all(str(bad))
+    bad.write_text('[fuse]\nmin_gain_z = -1\n')
+    with pytest.raises(PapmError, match="min_gain_z must be >= 0, got -1"):
+        load_all(str(bad))

@@ -10,7 +10,7 @@ from conftest import run_cli, write_tree
 from papm_core import checkpoint, loader
 from papm_core.data import subsample
 from papm_core.fusion import (build_head, cached_embed, embed, embedding_dim, fused_logits,
-                              head_accuracy, random_mask, train_head)
+                              head_accuracy, paired_gain_z, random_mask, train_head)
 from papm_core.loader import normalize
 from papm_core.models import build_model, resnet18_spec
 from papm_core.system import load_system, run_fuse, split_eval
@@ -112,11 +112,46 @@ def test_training_keeps_the_prior_unless_it_beats_it():
         return torch.cat([torch.randn(len(y), 2, generator=gen), lp, torch.randn(len(y), 6, generator=gen)], 1)
     tr, va = feats(y), feats(y)
     res = train_head(tr.numpy(), y.numpy(), va.numpy(), y.numpy(), [6, 6], 4, epochs=5, patience=5,
-                     owners=[[0, 1, 2, 3], []])
+                     owners=[[0, 1, 2, 3], []], min_gain_z=0.0)
     prior = 100.0 * (res.head.owner_prior(va, torch.ones(200, 2)).argmax(1) == y).float().mean().item()
-    assert res.best_val >= prior and abs(prior - 80.0) < 8.0
+    assert res.best_val >= prior and abs(prior - 80.0) < 8.0 and res.prior_val == prior
     if res.best_epoch == 0:
         assert head_accuracy(res.head, va, y) == prior
+
+
+def test_paired_gain_z():
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 1])
+    old = torch.tensor([0, 1, 2, 3, 1, 2, 3, 0, 0, 0])   # right on 0-3 and 8
+    new = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 1, 0])   # right on 0-7: 4 gained, 1 lost
+    assert paired_gain_z(old, new, y) == pytest.approx(3 / 5 ** 0.5)
+    assert paired_gain_z(new, old, y) == pytest.approx(-3 / 5 ** 0.5)
+    assert paired_gain_z(old, old, y) == 0.0
+
+
+def _informative_features(n, gen):
+    """Devices whose log-probabilities say nothing (uniform) but whose 2-d features give the
+    class (4 classes): the MLP can beat the prior by far, so its gain is significant."""
+    y = torch.randint(0, 4, (n,), generator=gen)
+    angle = y.float() * (np.pi / 2)
+    f = torch.stack([angle.cos(), angle.sin()], 1) * 3 + 0.3 * torch.randn(n, 2, generator=gen)
+    lp = torch.full((n, 4), float(np.log(0.25))) + 0.01 * torch.randn(n, 4, generator=gen)
+    return torch.cat([f, lp], 1), y
+
+
+def test_mlp_kept_only_on_a_significant_validation_gain():
+    """The trained MLP replaces the prior only if its paired validation gain reaches
+    ``min_gain_z``: a large, real gain passes 1.645; an unreachable threshold keeps the
+    prior exactly, whatever validation said."""
+    gen = torch.Generator().manual_seed(1)
+    (tr, ytr), (va, yva) = _informative_features(400, gen), _informative_features(300, gen)
+    kw = dict(epochs=30, patience=30, owners=[[0, 1, 2, 3]])
+    res = train_head(tr.numpy(), ytr.numpy(), va.numpy(), yva.numpy(), [6], 4, **kw)
+    assert res.best_epoch > 0 and res.gain_z >= 1.645 and res.best_val > res.prior_val + 30
+    strict = train_head(tr.numpy(), ytr.numpy(), va.numpy(), yva.numpy(), [6], 4, min_gain_z=1e6, **kw)
+    assert strict.best_epoch == 0 and strict.gain_z == res.gain_z
+    assert strict.best_val == strict.prior_val == head_accuracy(strict.head, va, yva)
+    prior = strict.head.owner_prior(va, torch.ones(len(va), 1)).argmax(1)
+    assert torch.equal(strict.head(va).argmax(1), prior)
 
 
 def test_mask_is_the_training_dropout():
