@@ -34,22 +34,20 @@ def test_overrides_win_over_the_file():
         load_preset("quick", "prune", classes=[0]).min_steps
 
 
-def test_bad_presets_fail_in_one_message(tmp_path):
+def test_unknown_preset_fails_in_one_message():
     with pytest.raises(PapmError, match="unknown preset 'nope'"):
         load_preset("nope")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[prune]\nmin_step = 10\n", r"unknown key\(s\) \['min_step'\]"),
+    ("[prunes]\n", "unknown table"),
+    ("[prune\n", "not valid TOML"),
+    ('[fuse]\nprior = "mean"\n', "fusion prior must be one of owner, none"),
+    ("[fuse]\nmin_gain_z = -1\n", "min_gain_z must be >= 0, got -1"),
+])
+def test_bad_presets_fail_in_one_message(tmp_path, text, message):
     bad = tmp_path / "bad.toml"
-    bad.write_text("[prune]\nmin_step = 10\n")
-    with pytest.raises(PapmError, match=r"unknown key\(s\) \['min_step'\]"):
-        load_all(str(bad))
-    bad.write_text("[prunes]\n")
-    with pytest.raises(PapmError, match="unknown table"):
-        load_all(str(bad))
-    bad.write_text("[prune\n")
-    with pytest.raises(PapmError, match="not valid TOML"):
-        load_all(str(bad))
-    bad.write_text('[fuse]\nprior = "mean"\n')
-    with pytest.raises(PapmError, match="fusion prior must be one of owner, none"):
-        load_all(str(bad))
-    bad.write_text('[fuse]\nmin_gain_z = -1\n')
-    with pytest.raises(PapmError, match="min_gain_z must be >= 0, got -1"):
+    bad.write_text(text)
+    with pytest.raises(PapmError, match=message):
         load_all(str(bad))
