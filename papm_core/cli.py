@@ -155,7 +155,8 @@ def cmd_prune(args) -> int:
                   f"calib {len(data.calib)}, public ref {len(data.ref)}")
     sel = "val(own)" if cfg.scope == "shard" else "val(all)"  # what finetune selects on
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(
-        f"  fine-tune epoch {h['epoch']:3d}/{h['epochs']}  loss {h['loss']:.3f}  {sel} {h['val_acc']:.2f}%"),
+        f"  fine-tune epoch {h['epoch']:3d}/{h['epochs']}  loss {h['loss']:.3f}  " + (
+            f"{sel} {h['val_acc']:.2f}%" if h["val_acc"] is not None else "(not validated: first half)")),
         teacher_cache=cache_dir() / "teacher")
     res.report.update(test_figures(res.model, ds.test, cfg.classes))
     from .util import file_sha256

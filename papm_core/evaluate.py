@@ -27,12 +27,21 @@ class Accuracy:
     n: int
 
 
+def eval_batch_size(dev: torch.device) -> int:
+    """Images per inference batch. On a CPU core, batches of 1,000 spill the caches: a pruned
+    device model takes 6.7 s for 5,000 images at 1,000 and 3.0 s at 128 (channels_last
+    input, 1 thread, AVX2); CUDA wants large batches."""
+    return 1000 if torch.device(dev).type == "cuda" else 128
+
+
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int = 1000,
-            channels_last: bool = False) -> torch.Tensor:
-    """Predicted labels for every image of ``split`` (model in eval mode)."""
+def predict(model: nn.Module, split: Split, batch_size: int | None = None,
+            channels_last: bool = True) -> torch.Tensor:
+    """Predicted labels for every image of ``split`` (model in eval mode). channels_last
+    input is the faster layout on CPU whichever layout the weights have (1.4-2x here)."""
     model.eval()
     dev = next(model.parameters()).device
+    batch_size = batch_size or eval_batch_size(dev)
     autocast = dev.type == "cuda"
     preds = []
     for x, _ in batches(split.to(dev) if split.x.device != dev else split, batch_size,
@@ -42,8 +51,8 @@ def predict(model: nn.Module, split: Split, batch_size: int = 1000,
     return torch.cat(preds).cpu()
 
 
-def accuracy(model: nn.Module, split: Split, batch_size: int = 1000,
-             channels_last: bool = False) -> Accuracy:
+def accuracy(model: nn.Module, split: Split, batch_size: int | None = None,
+             channels_last: bool = True) -> Accuracy:
     pred = predict(model, split, batch_size, channels_last)
     y = split.y.cpu()
     per = {}

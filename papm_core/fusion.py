@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import Split, cache_dir
-from .evaluate import quietest_median_ms
+from .evaluate import eval_batch_size, quietest_median_ms
 from .loader import batches
 from .util import PapmError, atomic_write, file_sha256
 
@@ -122,11 +122,13 @@ def embedding_dim(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def embed(model: nn.Module, images: Split, batch_size: int = 500) -> np.ndarray:
+def embed(model: nn.Module, images: Split, batch_size: int | None = None) -> np.ndarray:
     """Frozen embeddings (float32 [n, d + K], ``device_embedding``) of ``images``."""
     model.eval()
     dev = next(model.parameters()).device
-    out = [device_embedding(model, x).cpu() for x, _ in batches(images.to(dev), batch_size, train=False)]
+    batch_size = batch_size or eval_batch_size(dev)
+    out = [device_embedding(model, x).cpu()
+           for x, _ in batches(images.to(dev), batch_size, train=False, channels_last=True)]
     return torch.cat(out).numpy() if out else np.zeros((0, embedding_dim(model)), np.float32)
 
 

@@ -79,3 +79,30 @@ def test_latency_keeps_the_quietest_block():
     assert len(calls) == 600 and r["runs"] == 200 and len(r["block_medians_ms"]) == 3
     assert r["block_medians_ms"][0] >= 2.0 and r["median_ms"] < 1.0
     assert r["median_ms"] == min(r["block_medians_ms"])
+
+
+def test_latency_is_timed_once_per_model_and_thread_count(tmp_path, monkeypatch):
+    """A model reused by several device counts is timed once on its node; another thread
+    count or an unreadable record times it again."""
+    import torch
+
+    from papm_core import node
+
+    timed = []
+    monkeypatch.setattr(node, "latency_ms", lambda m, runs: timed.append(runs) or {
+        "median_ms": 1.0 + len(timed), "p90_ms": 2.0, "threads": torch.get_num_threads()})
+    model = torch.nn.Linear(2, 2)
+    first = node.cached_latency(model, "ab" * 32, tmp_path)
+    again = node.cached_latency(model, "ab" * 32, tmp_path)
+    assert timed == [200] and not first["reused"] and again["reused"]
+    assert again["median_ms"] == first["median_ms"] == 2.0
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert not node.cached_latency(model, "ab" * 32, tmp_path)["reused"]
+    finally:
+        torch.set_num_threads(threads)
+    next(tmp_path.glob(f"latency/*-t{threads}-*.json")).write_text("{")  # torn: timed again
+    assert len(timed) == 2
+    node.cached_latency(model, "ab" * 32, tmp_path)
+    assert len(timed) == 3

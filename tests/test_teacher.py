@@ -9,7 +9,7 @@ import torch
 
 from papm_core.config import PruneConfig
 from papm_core.data import subsample
-from papm_core.finetune import _Teacher, finetune, finetune_epochs
+from papm_core.finetune import _Teacher, finetune, finetune_epochs, validated
 from papm_core.loader import flip_batches
 from papm_core.models import build_model, resnet18_spec
 from papm_core.prune import slim, units
@@ -109,5 +109,8 @@ def test_min_steps_raises_epochs_of_small_shards(cifar, tmp_path):
                    teacher_cache=tmp_path)
     assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]  # ceil(7 / 3) epochs
     assert all(h["epochs"] == 3 for h in res.history[1:])
+    # selection validates before training and in the schedule's second half only
+    assert [h["val_acc"] is not None for h in res.history] == [True, False, True, True]
+    assert res.best_epoch != 1 and [validated(e, 10) for e in (4, 5, 10)] == [False, True, True]
     with pytest.raises(PapmError, match="min-steps"):
         PruneConfig(classes=[2], min_steps=-1).validate()
