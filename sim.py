@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from papm_core.config import load_all, resolve_preset_name, same_settings, to_dict  # noqa: E402
+from papm_core.config import settings_diff, load_all, resolve_preset_name, same_settings, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
 from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
 from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
@@ -93,24 +93,31 @@ def resolve(args) -> tuple[dict, list[int], Path]:
     cfg = {k: to_dict(v) for k, v in load_all(args.preset, overrides(args)).items()}
     cfg["prune"].pop("classes")
     cfg["prune"]["device"] = cfg["train"]["device"] = "auto"
-    devices = parse_devices(str(cfg["sim"]["devices"]))
+    # N = 1 (one device model for every class, same budget and recipe) is the fleet's own
+    # reference: every report compares each N with it
+    devices = sorted({1, *parse_devices(str(cfg["sim"]["devices"]))})
     from papm_core.data import load_dataset
-    n_classes = len(load_dataset(args.data).classes)
+    ds = load_dataset(args.data)
+    n_classes = len(ds.classes)
     bad = [n for n in devices if not 1 <= n <= n_classes]
     if bad:
         raise PapmError(f"device counts {bad} are outside [1, {n_classes}] (the number of classes)")
+    cfg["data"] = {"fingerprint": ds.key}  # a run folder never mixes results of two data sets
     name = Path(args.preset).stem if args.preset.endswith(".toml") else resolve_preset_name(args.preset)
     out = Path(args.out or ROOT / "runs" / name).resolve()
     return cfg, devices, out
 
 
 def claim_folder(out: Path, cfg: dict, args) -> None:
-    """Write the resolved config; refuse a folder that holds a run with other settings."""
+    """Write the resolved config; refuse a folder that holds a run with other settings or
+    other data (every key but the device counts), naming what differs."""
     path = out / "config.json"
     if path.is_file() and not args.force:
         old = json.loads(path.read_text())
-        if {k: v for k, v in old.items() if k != "sim"} != {k: v for k, v in cfg.items() if k != "sim"}:
-            raise PapmError(f"{out} holds a run with different settings; use another --out or --force")
+        diff = settings_diff(old, cfg)
+        if diff:
+            raise PapmError(f"{out} holds a run with other {', '.join(diff[:4])}; use another --out, "
+                            "or --force to redo it with these")
     write_json(path, cfg)
 
 
@@ -173,9 +180,10 @@ def deployed_base(out: Path, args, view) -> str:
     if args.base:
         return str(Path(args.base).resolve())
     from server.app import ensure_base, resolved_config
+    from papm_core.data import load_dataset
     rc = {"base": "", "config": str(out / "config.json"), "data": args.data or ""}
     say = lambda **k: view.update(0, out, k)  # noqa: E731
-    return str(ensure_base(rc, resolved_config(rc), out, say))
+    return str(ensure_base(rc, resolved_config(rc), out, say, load_dataset(args.data).key))
 
 
 def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, base: str,
@@ -205,7 +213,7 @@ def finished(result: Path, cfg: dict) -> bool:
         r = json.loads(result.read_text())
     except (OSError, ValueError):
         return False
-    return not r.get("missing") and same_settings(r.get("config", {}), cfg)
+    return not r.get("missing") and not r.get("incomplete") and same_settings(r.get("config", {}), cfg)
 
 
 def test_keys() -> dict:

@@ -2,8 +2,9 @@
 # Device fine-tuning recipes compared on one fused system: which epochs / lr / round_to fit
 # the quick preset's 30-minute budget best? Each variant prunes and fine-tunes every group
 # (`papm prune --preset quick` plus the variant's flags), trains fusion heads with seeds 0
-# and 1 (`papm fuse`, selection on validation) and measures the fused system on test once
-# (`papm eval --split`). Choose on the validation column; the test column is for reporting.
+# and 1 (`papm fuse`, selection on validation) and prints the fused validation accuracy.
+# Choose on that column. Test figures (`papm eval --split`, the devices' own test accuracy)
+# only with TEST=1, for a final table after the choice is made.
 #
 # Example (the quick base, the quick run's N = 2 groups; one variant per argument):
 #   PAPM_DATA=../shared/data/cifar10-jpeg75.tar.xz BASE=runs/quick/base.pt \
@@ -17,8 +18,14 @@ PRESET=${PRESET:-quick}
 OUT=${OUT:-runs/device-recipe}
 mkdir -p "$OUT"
 IFS='|' read -r -a groups <<< "$CLASS_GROUPS"
-echo "| variant | prune s | device all-class test % | fused val % (seeds 0, 1) | fused test % (seeds 0, 1) |"
-echo "|---|---|---|---|---|"
+TEST=${TEST:-0}
+if [ "$TEST" = 1 ]; then
+    echo "| variant | prune s | fused val % (seeds 0, 1) | device all-class test % | fused test % (seeds 0, 1) |"
+    echo "|---|---|---|---|---|"
+else
+    echo "| variant | prune s | fused val % (seeds 0, 1) |"
+    echo "|---|---|---|"
+fi
 for variant in "$@"; do
     dir="$OUT/$(echo "$variant" | tr -c 'a-z0-9.\n' '_')"
     mkdir -p "$dir"
@@ -36,9 +43,15 @@ for variant in "$@"; do
         head="$dir/fusion_seed$seed.pt"
         vals+=("$($PY -m papm_core.cli fuse --ckpts "${ckpts[@]}" --seed "$seed" --out "$head" \
                   | sed -n 's/.*best val \([0-9.]*\)%.*/\1/p')")
-        $PY -m papm_core.cli eval --split "$head" --json "$dir/eval_seed$seed.json" > /dev/null
-        tests+=("$($PY -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['test_acc']:.2f}\")" \
-                   "$dir/eval_seed$seed.json")")
+        if [ "$TEST" = 1 ]; then
+            $PY -m papm_core.cli eval --split "$head" --json "$dir/eval_seed$seed.json" > /dev/null
+            tests+=("$($PY -c "import json,sys; print(f\"{json.load(open(sys.argv[1]))['test_acc']:.2f}\")" \
+                       "$dir/eval_seed$seed.json")")
+        fi
     done
-    echo "| \`$variant\` | $secs | ${device_acc[*]} | ${vals[*]} | ${tests[*]} |"
+    if [ "$TEST" = 1 ]; then
+        echo "| \`$variant\` | $secs | ${vals[*]} | ${device_acc[*]} | ${tests[*]} |"
+    else
+        echo "| \`$variant\` | $secs | ${vals[*]} |"
+    fi
 done

@@ -1,23 +1,26 @@
-"""Fusion-head recipes on fixed device models: which head training closes the gap to the base?
+"""Fusion-head recipes on fixed device models: which head should the product train?
 
 Takes the pruned device models a finished ``sim.py`` run left in its node store, embeds the
-public reference, validation and test sets once, and trains heads with:
+public reference, validation (and, with ``--test``, test) sets once, and trains heads with:
 
-- ``ce``: cross-entropy on the reference labels (the current default);
+- ``ce``: the MLP alone (``fuse.prior = "none"``), cross-entropy on the reference labels;
 - ``ce+flip``: the same on the reference set and its horizontal flip (twice the samples);
-- ``kd``: distillation from the base model's soft predictions on the reference set (the
-  server holds the base model and the public set, so this needs nothing from the devices);
+- ``kd``: distillation from the base model's soft predictions on the reference set;
 - ``kd+flip``: both;
 - ``owner-only``: no training, each class scored by the mean log-probability the devices
   serving it give it (the head's specialist prior alone);
-- ``owner``: the default head (``fuse.prior = "owner"``, ``papm_core.fusion.train_head``): the
-  prior plus the MLP trained with cross-entropy, kept only if its paired validation gain over
-  the prior reaches z >= 1.645 (``fuse.min_gain_z``);
-- ``owner-any``: the same, keeping the MLP on any validation gain (``min_gain_z = 0``).
+- ``owner``: the prior plus the MLP (``fuse.prior = "owner"``, ``papm_core.fusion.train_head``),
+  the epoch (0 = the prior alone) chosen on the selection half, no gate;
+- ``owner+gate``: the product's head: ``owner``, then the MLP kept only if its gain over the
+  prior on the gate half reaches z >= 1.645 (``fusion.gate``).
 
-Selection on validation, test reported once per head. Example::
+The validation split is cut into the product's two halves (``fusion.halves``): the selection
+half picks each head's epoch and the seed; the **held-out half** (the product's gate half),
+which picked nothing, compares the recipes (``held`` columns). For ``owner+gate`` the gate
+also read that half, so its ``held`` figure is optimistic and is not used to choose. Test
+figures only with ``--test``, for a final table after every choice is made. Example::
 
-    python benchmarks/fusion_head.py --run runs/qs880 --base runs/base/base.pt --devices 2 5 10
+    python benchmarks/fusion_head.py --run runs/quick --base runs/quick/base.pt --devices 2 5 10
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from papm_core import checkpoint  # noqa: E402
 from papm_core.data import Split, load_dataset  # noqa: E402
-from papm_core.fusion import (build_head, embed, embedding_dim, head_accuracy, random_mask,  # noqa: E402
-                              train_head)
+from papm_core.fusion import (build_head, embed, embedding_dim, gate, halves, head_accuracy,  # noqa: E402
+                              random_mask, train_head)
 from papm_core.loader import batches  # noqa: E402
 from papm_core.specialize import base_split, reference_splits  # noqa: E402
 
@@ -96,45 +100,55 @@ def main() -> int:
     ap.add_argument("--kd", type=float, default=0.9, help="weight of the distillation term")
     ap.add_argument("--base", default=None, help="base checkpoint (default: RUN/base.pt)")
     ap.add_argument("--recipes", nargs="+",
-                    default=["ce", "ce+flip", "kd", "kd+flip", "owner-only", "owner-any", "owner"])
+                    default=["ce", "ce+flip", "kd", "kd+flip", "owner-only", "owner", "owner+gate"])
     ap.add_argument("--data", default=None)
+    ap.add_argument("--test", action="store_true", help="also report test figures (final tables only)")
     args = ap.parse_args()
     run = Path(args.run)
     base, meta = checkpoint.load(args.base or run / "base.pt")
     cfg = json.loads((run / "config.json").read_text())
     ds = load_dataset(args.data)
-    _, ref, val = reference_splits(ds, base_split(meta), int(cfg["prune"]["ref_size"]))
-    test = ds.test
+    c = reference_splits(ds, base_split(meta, int(cfg["prune"]["ref_size"]), float(cfg["prune"].get("node_val", 0.1))))
+    ref, val = c.ref, c.val
+    sel, held = (torch.as_tensor(i) for i in halves(val.y.numpy()))
     soft = {t: soft_targets(base.eval(), s, 4.0) for t, s in (("ref", ref), ("flip", flip(ref)))}
+    sets = [("ref", ref), ("flip", flip(ref)), ("val", val)] + ([("test", ds.test)] if args.test else [])
     rows = []
     for n in args.devices:
         res = json.loads((run / f"n{n}" / "result.json").read_text())
         models = [checkpoint.load(run / "store" / "pruned" / f"{d['key']}.pt")[0].eval() for d in res["per_device"]]
-        feats = {name: torch.cat([torch.as_tensor(embed(m, s)) for m in models], 1)
-                 for name, s in (("ref", ref), ("flip", flip(ref)), ("val", val), ("test", test))}
+        feats = {name: torch.cat([torch.as_tensor(embed(m, s)) for m in models], 1) for name, s in sets}
         dims = [embedding_dim(m) for m in models]
         owners = [d["classes"] for d in res["per_device"]]
+        vs, vys, vh, vyh = feats["val"][sel], val.y[sel], feats["val"][held], val.y[held]
         for recipe in args.recipes:
             xf, yf, sf = feats["ref"], ref.y, soft["ref"]
             if "flip" in recipe:
                 xf, yf, sf = torch.cat([xf, feats["flip"]]), torch.cat([yf, ref.y]), torch.cat([sf, soft["flip"]])
-            accs = []
+            heads = []
             for seed in args.seeds:
-                if recipe in ("owner", "owner-any"):  # the product's own training
-                    fr = train_head(xf.numpy(), yf.numpy(), feats["val"].numpy(), val.y.numpy(), dims,
-                                     len(ds.classes), seed=seed, owners=owners,
-                                     min_gain_z=0.0 if recipe == "owner-any" else 1.645)
-                    accs.append((fr.best_val, head_accuracy(fr.head, feats["test"], test.y)))
+                if recipe.startswith("owner") and recipe != "owner-only":  # the product's own training
+                    fr = train_head(xf.numpy(), yf.numpy(), vs.numpy(), vys.numpy(), dims, len(ds.classes),
+                                    seed=seed, owners=owners)
+                    heads.append((fr.best_val, fr))
                     continue
-                head, v = train(xf, yf, sf, feats["val"], val.y, dims, len(ds.classes), seed,
+                head, v = train(xf, yf, sf, vs, vys, dims, len(ds.classes), seed,
                                 args.kd if recipe.startswith("kd") else 0.0,
                                 epochs=0 if recipe == "owner-only" else 200,
                                 owners=owners if recipe == "owner-only" else None)
-                accs.append((v, head_accuracy(head, feats["test"], test.y)))
-            pick = max(accs)
-            rows.append({"N": n, "recipe": recipe, "val_pick": pick[0], "test_pick": pick[1],
-                         "test_mean": float(np.mean([a[1] for a in accs]))})
-            print(json.dumps(rows[-1]), flush=True)
+                heads.append((v, SimpleNamespace(head=head)))
+            k = max(range(len(heads)), key=lambda i: (heads[i][0], -i))  # the seed, on the selection half
+            if recipe == "owner+gate":
+                gate(heads[k][1], vh.numpy(), vyh.numpy(), 1.645)
+            row = {"N": n, "recipe": recipe, "val_sel_pick": heads[k][0],
+                   "val_held_pick": head_accuracy(heads[k][1].head, vh, vyh),
+                   "val_held_mean": float(np.mean([head_accuracy(h.head, vh, vyh) for _, h in heads]))}
+            if args.test:
+                row.update(test_pick=head_accuracy(heads[k][1].head, feats["test"], ds.test.y),
+                           test_mean=float(np.mean([head_accuracy(h.head, feats["test"], ds.test.y)
+                                                    for _, h in heads])))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return 0
 
 

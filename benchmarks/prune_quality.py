@@ -27,7 +27,7 @@ from papm_core.config import PruneConfig
 from papm_core.data import load_dataset
 from papm_core.finetune import finetune
 from papm_core.models import build_model, count_params
-from papm_core.specialize import device_data, prune, test_figures
+from papm_core.specialize import base_split, device_data, prune, reference_splits, test_figures
 from papm_core.util import provenance
 
 CRITERIA = {"papm": dict(alpha=0.5), "apoz-only": dict(alpha=0.0), "l2-only": dict(alpha=1.0),
@@ -80,9 +80,12 @@ def run_one(name, overrides, base, meta, ds, args, seed):
     else:
         res = prune(base, data, cfg)
         model, red = res.model, res.report["reduction"]
-    figs = test_figures(model, ds.test, args.classes)
-    return {"method": name, "seed": seed, "reduction": round(red, 4), "test_acc": figs["test_acc"],
-            "test_own_acc": figs["test_own_acc"], "seconds": round(time.perf_counter() - t0, 1)}
+    # validation by default (the server's split: the devices never selected on it); test only
+    # with --test, for a final table once the choice is made
+    split = ds.test if args.test else reference_splits(ds, base_split(meta, cfg.ref_size, cfg.node_val)).val
+    figs = test_figures(model, split, args.classes)
+    return {"method": name, "seed": seed, "reduction": round(red, 4), "split": split.name, "acc": figs["test_acc"],
+            "own_acc": figs["test_own_acc"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def main() -> None:
@@ -98,6 +101,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", nargs="*", help="run only these methods/scopes")
     ap.add_argument("--json")
+    ap.add_argument("--test", action="store_true", help="report on the test split (final tables only)")
     args = ap.parse_args()
     base, meta = checkpoint.load(args.base)
     ds = load_dataset(args.data)
@@ -110,11 +114,12 @@ def main() -> None:
             row = run_one(name, over, base, meta, ds, args, seed)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\n| {args.mode[:-1] if args.mode == 'scopes' else 'method'} | reduction | own-class test acc % "
-          f"| 10-class test acc % |\n|---|---|---|---|")
+    split = "test" if args.test else "val"
+    print(f"\n| {args.mode[:-1] if args.mode == 'scopes' else 'method'} | reduction | own-class {split} acc % "
+          f"| 10-class {split} acc % |\n|---|---|---|---|")
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == name]
-        own, all_ = [r["test_own_acc"] for r in rs], [r["test_acc"] for r in rs]
+        own, all_ = [r["own_acc"] for r in rs], [r["acc"] for r in rs]
         sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731
         print(f"| {name} | {rs[0]['reduction']:.4f} | {statistics.mean(own):.2f} ± {sd(own):.2f} "
               f"| {statistics.mean(all_):.2f} ± {sd(all_):.2f} |")

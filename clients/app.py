@@ -4,13 +4,15 @@ Message types (the strategy in ``strategies/papm.py`` sends them):
 
 - ``query.stats``: the base model -> class statistics of its predictions on this node's
   validation images, plus the classes the node holds. Statistics only, never data.
-- ``train.prune``: classes, r, alpha, recipe (+ the public reference and validation
-  sets) -> PAPM pruning and fine-tuning on the local shard; the model stays in the
-  node's store, the reply carries metrics and the width spec, never weights.
-- ``query.embed``: public images -> frozen embeddings of the node's pruned model (pooled
-  features and its own class log-probabilities, ``papm_core.fusion.device_embedding``).
-- ``evaluate``: test images -> embeddings, the model's own predictions, and this node's
-  batch-1 latency measured here.
+- ``train.prune``: classes, r, alpha, recipe (+ the public reference images) -> PAPM
+  pruning and fine-tuning on the local shard, epochs selected on the node's own held-out
+  images; the model stays in the node's store, the reply carries metrics, the width spec
+  and the data's content hash (part of the model key), never weights.
+- ``query.embed``: public and validation images, no labels -> frozen embeddings of the
+  node's pruned model (pooled features and its own class log-probabilities,
+  ``papm_core.fusion.device_embedding``).
+- ``evaluate``: test images, no labels -> embeddings, the model's own predictions, and
+  this node's batch-1 latency measured here.
 
 Where a node finds its data: an edge box sets ``data`` (a folder or archive of its own
 images; see the README) and ``store`` in its node config. A simulated node has Flower's
@@ -143,10 +145,9 @@ def prune(msg: Message, ctx: Context) -> Message:
     # pruning and fine-tuning run where the node's accelerator is (the data follows the model)
     base = wire.model_from(msg.content, cfg["spec"]).to(pcfg.device)
     public = {}
-    for name in ("ref", "val"):
-        if f"{name}_x" in (msg.content.array_records.get("arrays") or {}):
-            x, y = wire.images(msg.content, name)
-            public[name] = Split(name, torch.from_numpy(x), torch.from_numpy(y), [])
+    if "ref_x" in (msg.content.array_records.get("arrays") or {}):
+        x = wire.images(msg.content, "ref")  # unlabelled: the device distils on them
+        public["ref"] = Split("ref", torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64), [])
     if node.box:
         held = box_classes(node.source)
         if not set(pcfg.classes) & set(held):
@@ -165,7 +166,7 @@ def prune(msg: Message, ctx: Context) -> Message:
     keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
             "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key")
     return _reply(msg, {"name": node.name, "reused": reused, "path": str(path),
-                        "report": {k: report.get(k) for k in keep}}, t0=t0)
+                        "data_fingerprint": data.fingerprint, "report": {k: report.get(k) for k in keep}}, t0=t0)
 
 
 def _stored_model(msg: Message, ctx: Context, round_name: str):
@@ -182,8 +183,7 @@ def embed(msg: Message, ctx: Context) -> Message:
     node, _, path = _stored_model(msg, ctx, "embed")
     out = {}
     for name in ("ref", "val"):
-        x, _ = wire.images(msg.content, name)
-        out[f"{name}_f"] = embed_images(path, x, node.store)
+        out[f"{name}_f"] = embed_images(path, wire.images(msg.content, name), node.store)
     return _reply(msg, {"name": node.name}, out, t0=t0)
 
 
@@ -191,7 +191,6 @@ def embed(msg: Message, ctx: Context) -> Message:
 def evaluate(msg: Message, ctx: Context) -> Message:
     t0 = time.perf_counter()
     node, cfg, path = _stored_model(msg, ctx, "evaluate")
-    x, _ = wire.images(msg.content, "test")
-    res = evaluate_images(path, x, node.store, int(cfg.get("latency_runs", 200)))
+    res = evaluate_images(path, wire.images(msg.content, "test"), node.store, int(cfg.get("latency_runs", 200)))
     arrays = {"features": res.pop("features"), "pred": res.pop("pred")}
     return _reply(msg, {"name": node.name, "pid": os.getpid(), **res}, arrays, t0=t0)

@@ -74,11 +74,17 @@ def array(content: RecordDict, name: str, dtype: str, shape: tuple[int | None, .
     return out
 
 
-def images(content: RecordDict, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images [n, 3, 32, 32] and int64 labels [n] sent under ``prefix``."""
-    x = array(content, f"{prefix}_x", "uint8", (None, 3, None, None))
-    y = array(content, f"{prefix}_y", "int64", (x.shape[0],))
-    return x, y
+def images(content: RecordDict, prefix: str) -> np.ndarray:
+    """uint8 images [n, 3, H, W] sent under ``prefix``: images only, the server never sends
+    labels of its validation or test split (nor of the public reference set)."""
+    return array(content, f"{prefix}_x", "uint8", (None, 3, None, None))
+
+
+def finite(a: np.ndarray, name: str) -> np.ndarray:
+    """``a`` if every value is finite; a NaN or inf embedding would poison the fusion head."""
+    if not np.isfinite(a).all():
+        raise WireError(f"array '{name}' holds non-finite values")
+    return a
 
 
 def model_arrays(model: nn.Module) -> dict[str, np.ndarray]:

@@ -79,13 +79,16 @@ def _add_eval(sub) -> None:
 def _add_group(sub) -> None:
     p = sub.add_parser("group", help="group classes into device groups from base-model statistics",
                        description="Covariance-based class grouping for every device count; "
-                                   "statistics come from the validation split, never test.")
+                                   "statistics come from the devices' held-out images (as in the "
+                                   "federation), never the server's validation or test split.")
     p.add_argument("--base", required=True, help="base model checkpoint")
     p.add_argument("--devices", default="2-10", help="a range (2-10) or a list (2,5,10)")
     p.add_argument("--data", help="data source (default $PAPM_DATA, else torchvision's download)")
     p.add_argument("--method", default="correlation",
                    help="correlation (default), covariance or mean-logit-cosine")
     p.add_argument("--max-group-size", type=int, help="rebalance groups larger than this")
+    p.add_argument("--ref-size", type=int, default=5000, help="the public reference set size (prune.ref_size)")
+    p.add_argument("--node-val", type=float, default=0.1, help="the devices' held-out share (prune.node_val)")
     p.add_argument("--out-dir", default="result", help="where deploy_inf.csv, groups.json and PNGs go")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_group)
@@ -152,18 +155,18 @@ def cmd_prune(args) -> int:
     console = _console()
     console.print(f"[bold]papm prune[/] classes {cfg.classes} r={cfg.params_reduction} alpha={cfg.alpha} "
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
-                  f"calib {len(data.calib)}, public ref {len(data.ref)}")
-    sel = "val(own)" if cfg.scope == "shard" else "val(all)"  # what finetune selects on
-    res = prune(base, data, cfg, on_epoch=lambda h: console.print(
+                  f"held out {len(data.val)}, calib {len(data.calib)}, public ref {len(data.ref)}")
+    res = prune(base, data, cfg, on_epoch=lambda h: console.print(  # selection: the device's own held-out images
         f"  fine-tune epoch {h['epoch']:3d}/{h['epochs']}  loss {h['loss']:.3f}  " + (
-            f"{sel} {h['val_acc']:.2f}%" if h["val_acc"] is not None else "(not validated: first half)")),
+            f"held-out loss {h['val_loss']:.4f} (own-class acc {h['val_acc']:.2f}%)" if h["val_loss"] is not None
+            else "(not validated: first half)")),
         teacher_cache=cache_dir() / "teacher")
     res.report.update(test_figures(res.model, ds.test, cfg.classes))
     from .util import file_sha256
     from .specialize import base_split
     path = save_result(res, cfg, ds.classes, cfg.out_dir, {
-        "path": str(args.base), "sha256": file_sha256(args.base), "split": base_split(meta),
-        "ref_size": cfg.ref_size})
+        "path": str(args.base), "sha256": file_sha256(args.base),
+        "split": base_split(meta, cfg.ref_size, cfg.node_val)})
     r = res.report
     table = Table(title="kept / total channels per unit")
     for col in ("unit", "kept", "total", "kept %", "mean APoZ"):
@@ -185,7 +188,7 @@ def cmd_group(args) -> int:
     from .grouping import parse_devices, run_grouping
 
     res = run_grouping(args.base, parse_devices(args.devices), args.data, args.method,
-                       args.out_dir, args.max_group_size, args.device)
+                       args.out_dir, args.max_group_size, args.device, args.ref_size, args.node_val)
     for n, g in res["groups"].items():
         print(f"Device {n}: {g}")
     print(f"wrote {args.out_dir}/deploy_inf.csv, groups.json, similarity.png, dendrogram.png")
@@ -294,6 +297,8 @@ def _add_shard(sub) -> None:
     p.add_argument("--classes", type=int, nargs="+", help="keep only these class ids (default: all)")
     p.add_argument("--ref-size", type=int, default=5000,
                    help="the server's public reference set size (prune.ref_size of the preset)")
+    p.add_argument("--node-val", type=float, default=0.1,
+                   help="share of the box's images it holds out for itself (prune.node_val of the preset)")
     p.add_argument("--out", required=True, help="the .npz file for the box's node config 'data'")
     p.set_defaults(func=cmd_shard)
 
@@ -305,7 +310,7 @@ def cmd_shard(args) -> int:
     if not args.out.endswith(".npz"):
         raise PapmError(f"--out {args.out}: a box's data file must end in .npz")
     _, meta = checkpoint.read(args.base)
-    path = make_box(Path(args.out), meta, args.data, args.classes, args.ref_size)
+    path = make_box(Path(args.out), meta, args.data, args.classes, args.ref_size, args.node_val)
     box = read_box(str(path))
     held = sorted(set(box.private.y.tolist()))
     print(f"wrote {path}: {len(box.private)} private + {len(box.val)} validation images of classes "
@@ -336,9 +341,9 @@ def cmd_fuse(args) -> int:
                    lr=args.lr, patience=args.patience, device_dropout=args.device_dropout,
                    seed=args.seed, prior=args.prior, min_gain_z=args.min_gain_z)
     kept = "" if res["prior_val"] is None else (
-        f"; prior alone {res['prior_val']:.2f}%, " + ("kept" if res["best_epoch"] == 0 else "MLP kept")
-        + ("" if res["gain_z"] is None else f" (gain z {res['gain_z']:.2f})"))
-    print(f"fusion head over {len(paths)} devices: best val {res['val_acc']:.2f}% at epoch "
+        f"; prior alone {res['prior_val']:.2f}%; head: {res['head']}"
+        + ("" if res["gain_z"] is None else f" (gain z {res['gain_z']:.2f} on the gate half)"))
+    print(f"fusion head over {len(paths)} devices: best val {res['val_acc']:.2f}% (selection half) at epoch "
           f"{res['best_epoch']} ({res['epochs_run']} run){kept}; saved {res['path']}")
     return 0
 

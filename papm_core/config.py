@@ -97,6 +97,8 @@ class PruneConfig:
     augment: str = "crop+flip"       # crop+flip (live teacher) | flip (teacher logits precomputed)
     ce_weight: float = 1.0           # weight of shard cross-entropy next to distillation
     ref_size: int = 5000             # public reference set carved from train (server-held)
+    node_val: float = 0.1            # share of the devices' private images each holds out for its
+                                     # own epoch selection and the grouping statistics
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"          # auto | bf16 | fp32 (autocast of the fine-tuning loop)
@@ -123,6 +125,7 @@ class PruneConfig:
                   (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
                   (self.min_channels >= 1 and self.round_to >= 1, "--min-channels and --round-to must be >= 1"),
                   (self.calib_size >= 1, "--calib-size must be >= 1"),
+                  (0 < self.node_val < 0.5, f"prune.node_val must lie in (0, 0.5), got {self.node_val}"),
                   (self.target_size_mb is None or self.target_size_mb > 0, "--target-size-mb must be positive"),
                   (len(self.classes) == len(set(self.classes)), f"duplicate class ids in {self.classes}"),
                   (bool(self.classes), "--classes is required: the device's class ids")]
@@ -254,9 +257,24 @@ def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# keys that say which work to do, not how: a run folder holds results of any device counts;
+# a round timeout only decides whether a result is complete (an incomplete one is redone)
+_NOT_SETTINGS = {("sim", "devices"), ("prune", "classes"), ("sim", "stats_timeout"), ("sim", "prune_timeout"),
+                 ("sim", "embed_timeout"), ("sim", "evaluate_timeout")}
+
+
+def settings_diff(a: dict, b: dict) -> list[str]:
+    """The ``stage.key`` names in which two resolved configs (``to_dict`` per stage, plus
+    the data fingerprint) differ, apart from the device counts and a device's classes."""
+    out = []
+    for stage in sorted(set(a) | set(b)):
+        x, y = a.get(stage, {}), b.get(stage, {})
+        for key in sorted(set(x) | set(y)):
+            if (stage, key) not in _NOT_SETTINGS and x.get(key) != y.get(key):
+                out.append(f"{stage}.{key}")
+    return out
+
+
 def same_settings(a: dict, b: dict) -> bool:
-    """Two resolved configs (``to_dict`` per stage) describe the same run, apart from the
-    keys one device count sets for itself: ``[sim]`` and the device's ``prune.classes``."""
-    strip = lambda c: {**{k: v for k, v in c.items() if k != "sim"},  # noqa: E731
-                       "prune": {k: v for k, v in c.get("prune", {}).items() if k != "classes"}}
-    return strip(a) == strip(b)
+    """Two resolved configs describe the same results: every setting and the data."""
+    return not settings_diff(a, b)

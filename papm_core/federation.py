@@ -14,6 +14,7 @@ Example: ``python -c "from papm_core.federation import match_groups; print(match
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from . import checkpoint
 from .config import FuseConfig, to_dict
 from .data import Dataset, Split, load_dataset
-from .fusion import FusionHead, head_accuracy, train_head
+from .fusion import FuseResult, FusionHead, gate, halves, head_accuracy, train_head
 from .specialize import reference_splits
 from .util import PapmError
 
@@ -30,8 +31,8 @@ from .util import PapmError
 def server_data(source: str | None, split: dict) -> tuple[Dataset, Split, Split]:
     """(dataset, public reference set, validation split) for the base model's split."""
     ds = load_dataset(source)
-    _, ref, val = reference_splits(ds, split, int(split["ref_size"]))
-    return ds, ref, val
+    c = reference_splits(ds, split)
+    return ds, c.ref, c.val
 
 
 def match_groups(groups: list[list[int]], held: list[list[int]] | None) -> list[int]:
@@ -68,23 +69,41 @@ def stack(feats: dict[int, np.ndarray], order: list[int], dims: list[int], n: in
     return torch.cat(cols, 1), mask
 
 
+@dataclass
+class Fused:
+    heads: list[FuseResult]  # one per head seed; ``pick`` is the one used (gated)
+    pick: int
+    order: list[int]         # the devices the head reads, in its order
+    dims: list[int]          # their embedding widths
+
+    @property
+    def head(self) -> FusionHead:
+        return self.heads[self.pick].head
+
+
 def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref: Split, val: Split,
-         num_classes: int, cfg: FuseConfig, seed: int, owners: dict[int, list[int]], on_epoch=None):
-    """Train the head over the devices that sent both reference and validation embeddings;
-    ``owners``: the classes each device serves (the head's specialist prior)."""
+         num_classes: int, cfg: FuseConfig, seed: int, owners: dict[int, list[int]], on_epoch=None) -> Fused:
+    """``cfg.head_seeds`` heads over the devices that sent reference and validation embeddings.
+    The validation split's selection half picks each head's epoch and then the seed; its
+    gate half decides whether the picked head keeps its MLP (``fusion.gate``). ``owners``:
+    the classes each device serves (the head's specialist prior)."""
     order = sorted(set(ref_feats) & set(val_feats))
     if not order:
         raise PapmError("no device delivered embeddings; nothing to fuse")
     dims = [ref_feats[i].shape[1] for i in order]
     xr, _ = stack(ref_feats, order, dims, len(ref))
     xv, _ = stack(val_feats, order, dims, len(val))
-    res = train_head(xr.numpy(), ref.y.cpu().numpy(), xv.numpy(), val.y.cpu().numpy(), dims,
-                     num_classes, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-                     patience=cfg.patience, device_dropout=cfg.device_dropout, seed=seed,
-                     hidden=cfg.hidden, dropout=cfg.dropout, on_epoch=on_epoch,
-                     owners=[owners[i] for i in order] if cfg.prior == "owner" else None,
-                     min_gain_z=cfg.min_gain_z)
-    return res, order, dims
+    vy = val.y.cpu().numpy()
+    sel, held = halves(vy)
+    heads = [train_head(xr.numpy(), ref.y.cpu().numpy(), xv[sel].numpy(), vy[sel], dims, num_classes,
+                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
+                        device_dropout=cfg.device_dropout, seed=seed + k, hidden=cfg.hidden,
+                        dropout=cfg.dropout, on_epoch=on_epoch,
+                        owners=[owners[i] for i in order] if cfg.prior == "owner" else None)
+             for k in range(cfg.head_seeds)]  # device models fixed; only the head's seed varies
+    pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))
+    gate(heads[pick], xv[held].numpy(), vy[held], cfg.min_gain_z)
+    return Fused(heads, pick, order, dims)
 
 
 def save_head(path: Path, head: FusionHead, class_names: list[str], devices: list[dict],
@@ -113,6 +132,32 @@ def fused_figures(head: FusionHead, order: list[int], dims: list[int],
             "masked_at_test": [order[j] for j in range(len(order)) if mask[0, j] == 0],
             "missing_one": missing, "missing_one_worst": min(missing) if missing else None,
             "missing_one_mean": float(np.mean(missing)) if missing else None}
+
+
+def _log_probs(feats: np.ndarray, k: int) -> np.ndarray:
+    return feats[:, -k:]  # a device embedding ends with its own K log-probabilities
+
+
+def fleet_figures(val_feats: dict[int, np.ndarray], test_feats: dict[int, np.ndarray], val_y: torch.Tensor,
+                  test_y: torch.Tensor, k: int) -> dict:
+    """The fleet against its own members. Each device model is a K-class classifier too:
+    its accuracy on the server's validation images (the devices never selected on them)
+    picks the best single device, whose test accuracy is reported; the plain average of
+    the devices' probabilities is the untrained alternative to the head."""
+    vy, ty = val_y.cpu().numpy(), test_y.cpu().numpy()
+    both = sorted(set(val_feats) & set(test_feats))
+    val_acc = {d: 100.0 * float((_log_probs(val_feats[d], k).argmax(1) == vy).mean()) for d in both}
+    test_acc = {d: 100.0 * float((_log_probs(test_feats[d], k).argmax(1) == ty).mean()) for d in both}
+    if not both:
+        return {"device_val_acc": {}}
+    best = max(both, key=lambda d: (val_acc[d], -d))
+
+    def average(feats, y):
+        p = np.mean([np.exp(_log_probs(feats[d], k)) for d in both], 0)
+        return 100.0 * float((p.argmax(1) == y).mean())
+    return {"device_val_acc": val_acc, "best_single_device": best, "best_single_val_acc": val_acc[best],
+            "best_single_test_acc": test_acc[best], "average_val_acc": average(val_feats, vy),
+            "average_test_acc": average(test_feats, ty)}
 
 
 def device_figures(pred: np.ndarray, y: torch.Tensor, classes: list[int]) -> dict:

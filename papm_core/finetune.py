@@ -12,12 +12,14 @@ Scopes say exactly which data the device reads:
   cross-entropy, 9:1 sampling of own versus other classes, 5x class weights on own
   classes; an epoch draws len(shard)/0.9 images so own images are seen about once.
 
-Selection uses the server-held validation split, after the epochs of the schedule's
-second half (``validated``) and before training. Scope ``shard`` selects on the
-device's own classes only; ``shard+public`` and ``all`` train the device to answer for
-every class (through distillation or labels), so they select on 10-class accuracy. Own-
-class accuracy alone cannot select a one-class device: predicting that class always
-scores 100 %, so the untrained slimmed model would win. Ties go to the later epoch.
+Selection uses the device's **own held-out images** (``node_val``: a slice of its shard
+that it never trains on; never images the server sends), after the epochs of the
+schedule's second half (``validated``) and before training. The criterion is the
+training objective itself on those images (distillation from the base model, plus
+cross-entropy by ``ce_weight``; lower is better): own-class accuracy cannot select a
+one-class device, since predicting that class always scores 100 %, while the
+distillation loss still measures how well the device answers for every class. Ties go
+to the later epoch. The own-class accuracy on the same images is recorded beside it.
 
 Augmentation (``augment``): ``crop+flip`` (4-px padded random crop and mirror) runs the
 teacher on every batch; ``flip`` (mirror only) looks the teacher's logits up in tables
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 
 from .config import PruneConfig
 from .data import Split
-from .evaluate import accuracy
+from .evaluate import eval_batch_size
 from .loader import batches, flip_batches, num_batches
 from .teacher import cached_flip_logits, model_key
 from .train import make_optimizer
@@ -50,7 +52,8 @@ from .util import autocast
 @dataclass
 class FinetuneResult:
     model: nn.Module
-    best_val: float
+    best_val_loss: float   # the selection criterion on the device's held-out images
+    best_val_acc: float    # own-class accuracy on the same images at that epoch (recorded only)
     best_epoch: int
     history: list[dict]
 
@@ -63,10 +66,38 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 def validated(epoch: int, epochs: int) -> bool:
     """Whether selection evaluates after ``epoch``: only in the second half of the schedule,
-    where the decaying learning rate puts the best weights (all 18 device models of the
-    quick preset at 320 steps peaked there: epoch >= 8 of 10, >= 5 of 6, 3 of 3). Saves
-    up to 5 validation passes of 5,000 images per model (3 s each on one CPU core)."""
+    where the decaying learning rate puts the best weights; it saves half the validation
+    passes (docs/results.md records where the quick preset's device models peaked)."""
     return 2 * epoch >= epochs
+
+
+@torch.no_grad()
+def held_out(model: nn.Module, val: Split, teacher: torch.Tensor | None, loss_fn, cfg) -> tuple[float, float]:
+    """(mean training objective, own-class accuracy %) of ``model`` on held-out images;
+    ``teacher``: the base model's logits for ``val`` (None where nothing is distilled)."""
+    model.eval()
+    dev = val.y.device
+    tot, right, start = 0.0, 0, 0
+    for x, y in batches(val, eval_batch_size(dev), train=False, channels_last=True):
+        with autocast(dev, cfg.precision):
+            out = model(x).float()
+        t = teacher[start:start + len(y)] if teacher is not None else None
+        tot += float(loss_fn(out, y, t)) * len(y)
+        right += int((out.argmax(1) == y).sum())
+        start += len(y)
+    n = max(start, 1)
+    return tot / n, 100.0 * right / n
+
+
+@torch.no_grad()
+def teacher_logits(base: nn.Module, split: Split, precision: str) -> torch.Tensor:
+    """The base model's logits for ``split`` in order (eval mode, the loop's autocast)."""
+    dev = split.y.device
+    out = []
+    for x, _ in batches(split, eval_batch_size(dev), train=False, channels_last=True):
+        with autocast(dev, precision):
+            out.append(base(x).float())
+    return torch.cat(out) if out else torch.zeros(0, base.linear.out_features, device=dev)
 
 
 def _cycle(split: Split, cfg: PruneConfig, gen: torch.Generator) -> Iterator[tuple]:
@@ -153,13 +184,12 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
              ref: Split | None = None, pool: Split | None = None,
              on_epoch: Callable[[dict], None] | None = None,
              teacher_cache: Path | None = None) -> FinetuneResult:
-    """Fine-tune ``model`` (global 10-way labels) and return the best-validation weights.
-    ``teacher_cache``: folder of per-class teacher tables (``augment = "flip"`` only)."""
+    """Fine-tune ``model`` (global labels) and return the weights with the lowest objective on
+    ``val``, the device's own held-out images. ``teacher_cache``: folder of per-class teacher tables (``augment = "flip"`` only)."""
     dev = shard.y.device
     own = list(cfg.classes)
     base = base.eval()
     primary = pool if cfg.scope == "all" else shard
-    sel_val = val.shard(own) if cfg.scope == "shard" else val
     gen = torch.Generator().manual_seed(cfg.seed)
     n_epoch = int(len(shard) / 0.9) if cfg.recipe == "original" else len(primary)
     epochs = finetune_epochs(cfg, n_epoch)
@@ -171,12 +201,10 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
     ref_iter = _cycle(ref, cfg, gen) if use_ref else None
     model = model.to(memory_format=torch.channels_last)
 
-    def val_acc() -> float:  # selection only, so the training precision is precise enough
-        with autocast(dev, cfg.precision):
-            return accuracy(model, sel_val).overall
-
-    best = {"val": val_acc(), "epoch": 0, "state": copy.deepcopy(model.state_dict())}
-    history = [{"epoch": 0, "val_acc": best["val"]}]
+    t_val = teacher_logits(base, val, cfg.precision) if distils(cfg) else None
+    loss0, acc0 = held_out(model, val, t_val, loss_fn, cfg)
+    best = {"loss": loss0, "acc": acc0, "epoch": 0, "state": copy.deepcopy(model.state_dict())}
+    history = [{"epoch": 0, "val_loss": loss0, "val_acc": acc0}]
     for epoch in range(1, epochs + 1):
         model.train()
         order = _original_order(primary, own, len(shard), gen) if cfg.recipe == "original" else None
@@ -195,11 +223,12 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
             opt.step()
             sched.step()
             tot, seen = tot + loss.detach() * len(y), seen + len(y)
-        acc = val_acc() if validated(epoch, epochs) else None
-        history.append({"epoch": epoch, "epochs": epochs, "loss": float(tot / max(seen, 1)), "val_acc": acc})
+        vl, acc = held_out(model, val, t_val, loss_fn, cfg) if validated(epoch, epochs) else (None, None)
+        history.append({"epoch": epoch, "epochs": epochs, "loss": float(tot / max(seen, 1)),
+                        "val_loss": vl, "val_acc": acc})
         if on_epoch:
             on_epoch(history[-1])
-        if acc is not None and acc >= best["val"]:
-            best = {"val": acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        if vl is not None and vl <= best["loss"]:
+            best = {"loss": vl, "acc": acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best["state"])
-    return FinetuneResult(model.eval(), best["val"], best["epoch"], history)
+    return FinetuneResult(model.eval(), best["loss"], best["acc"], best["epoch"], history)

@@ -11,8 +11,10 @@ blocks by N / n_present (as inverted dropout does) and appends the mask itself, 
 applies an MLP (Linear-BN-ReLU-Dropout-Linear). With ``prior = "owner"`` (the default)
 the MLP's output is added to a parameter-free specialist prior: each class's score is the
 mean log-probability that the devices serving that class give it (``owner_prior``), and
-the MLP's last layer starts at zero, so training begins from the prior and validation
-keeps it unless the MLP improves on it. Training masks whole devices at random
+the MLP's last layer starts at zero, so training begins from the prior. The server's
+validation split is cut in two halves (``halves``), each with one job: the selection half
+picks the head's epoch (the prior alone is epoch 0) and seed; the gate half, which picked
+neither, decides whether the trained MLP is kept over the prior alone (``gate``). Training masks whole devices at random
 (``device_dropout``); inference masks a missing device exactly the same way (a class
 whose devices are all missing is scored by every present device), so training and
 inference follow one code path and no features are made up.
@@ -189,17 +191,32 @@ def head_latency_ms(head: FusionHead, feats: torch.Tensor, mask: torch.Tensor | 
 @dataclass
 class FuseResult:
     head: FusionHead
-    best_val: float
-    best_epoch: int                  # 0: the prior alone was kept
+    best_val: float                  # accuracy on the selection half at the selected epoch
+    best_epoch: int                  # 0: the prior alone was selected
     epochs_run: int
     history: list[dict]
-    prior_val: float | None = None   # validation accuracy of the prior alone (owners given)
-    gain_z: float | None = None      # paired z of the best trained epoch's gain over the prior
+    prior_val: float | None = None   # selection-half accuracy of the prior alone (owners given)
+    gain_z: float | None = None      # paired z of the MLP's gain over the prior, on the gate half
+    kept_mlp: bool = True            # False: the gate put the prior alone back
+    gate: dict | None = None         # gate-half figures: images, prior %, prior + MLP %
 
 
 def head_kind(res: FuseResult) -> str:
     """What the trained head is: "MLP" (no prior), "prior" (alone) or "prior + MLP"."""
-    return "MLP" if res.prior_val is None else ("prior" if res.best_epoch == 0 else "prior + MLP")
+    if res.prior_val is None:
+        return "MLP"
+    return "prior + MLP" if res.best_epoch > 0 and res.kept_mlp else "prior"
+
+
+def halves(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint, class-stratified halves of the indices of ``y`` (selection, gate)."""
+    rng = np.random.default_rng(seed)
+    a, b = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        a.append(idx[:(len(idx) + 1) // 2])
+        b.append(idx[(len(idx) + 1) // 2:])
+    return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
 
 
 def paired_gain_z(old: torch.Tensor, new: torch.Tensor, y: torch.Tensor) -> float:
@@ -226,14 +243,11 @@ def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
                dims: list[int], num_classes: int, *, epochs: int = 200, batch_size: int = 128,
                lr: float = 5e-4, patience: int = 20, device_dropout: float = 0.2, seed: int = 0,
                hidden: int = 512, dropout: float = 0.3, owners: list[list[int]] | None = None,
-               min_gain_z: float = 1.645, on_epoch=None) -> FuseResult:
-    """Adam on the reference embeddings; early stopping on validation accuracy. With
-    ``owners`` (the specialist prior) the untrained head, which is the prior alone, is
-    validated first as epoch 0, and the trained MLP is kept only if its validation gain over
-    the prior is significant: paired z (``paired_gain_z``) of at least ``min_gain_z`` (1.645:
-    one-sided 5 %). Why: the best of ~30 epochs x seeds on 5,000 validation images is
-    optimistic by a few tenths of a point, and the devices were fine-tuned on the reference
-    set, so the MLP learns from their in-sample outputs; gains below noise did not hold on test."""
+               on_epoch=None) -> FuseResult:
+    """Adam on the reference embeddings; early stopping on validation accuracy (the
+    selection half). With ``owners`` (the specialist prior) the untrained head, which is
+    the prior alone, is validated first as epoch 0 and can be selected like any epoch;
+    whether a trained MLP is then kept is ``gate``'s decision, on other images."""
     if sum(dims) != train_f.shape[1] or sum(dims) != val_f.shape[1]:
         raise PapmError(f"embedding widths {train_f.shape[1]}/{val_f.shape[1]} do not match "
                         f"the devices' dims {dims}")
@@ -271,15 +285,27 @@ def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
             if bad >= patience:
                 break
     head.load_state_dict(best["state"])
-    if prior is None:
-        return FuseResult(head.eval(), best["val"], best["epoch"], len(history), history)
-    z = None
-    if best["epoch"] > 0:
-        trained = head_predictions(head, vf)
-        head.load_state_dict(prior["state"])
-        z = paired_gain_z(head_predictions(head, vf), trained, vy)
-        if z >= min_gain_z:
-            head.load_state_dict(best["state"])
-        else:  # not a significant gain: keep the prior
-            best = prior
-    return FuseResult(head.eval(), best["val"], best["epoch"], len(history), history, prior["val"], z)
+    return FuseResult(head.eval(), best["val"], best["epoch"], len(history), history,
+                      prior["val"] if prior else None)
+
+
+@torch.no_grad()
+def gate(res: FuseResult, gate_f: np.ndarray, gate_y: np.ndarray, min_gain_z: float) -> FuseResult:
+    """Keep the selected MLP over the prior alone only if it is significantly better on the
+    gate half, images that picked neither its epoch nor its seed: McNemar's paired z
+    (``paired_gain_z``) of at least ``min_gain_z`` (1.645: one-sided 5 %). Otherwise the
+    MLP's output layer is zeroed, which leaves the prior exactly. Changes ``res`` in place."""
+    if res.prior_val is None or res.best_epoch == 0:
+        return res
+    gf, gy = torch.as_tensor(gate_f), torch.as_tensor(gate_y)
+    res.head.eval()
+    trained = head_predictions(res.head, gf)
+    prior = res.head.owner_prior(gf, torch.ones(len(gf), len(res.head.dims))).argmax(1)
+    res.gain_z = paired_gain_z(prior, trained, gy)
+    res.gate = {"images": len(gy), "prior_acc": 100.0 * (prior == gy).float().mean().item(),
+                "mlp_acc": 100.0 * (trained == gy).float().mean().item(), "min_gain_z": min_gain_z}
+    res.kept_mlp = res.gain_z >= min_gain_z
+    if not res.kept_mlp:
+        res.head.mlp[-1].weight.zero_()
+        res.head.mlp[-1].bias.zero_()
+    return res

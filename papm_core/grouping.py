@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint
-from .data import Split, load_dataset, carve
+from .data import Split, load_dataset
 from .loader import batches
 from .plots import dendrogram, heatmap
 from .util import PapmError, atomic_write, file_sha256, provenance, resolve_device, write_json
@@ -60,12 +60,22 @@ class ClassStats:
                       for k in ("count", "prob_sum", "outer_sum", "logit_sum")))
         except (KeyError, TypeError, ValueError) as e:
             raise PapmError(f"malformed class statistics ({e})") from e
-        c, k = s.prob_sum.shape if s.prob_sum.ndim == 2 else (-1, -1)
-        if (s.count.shape != (c,) or s.outer_sum.shape != (c, k, k) or s.logit_sum.shape != (c, k)
-                or not all(np.isfinite(a).all() for a in (s.count, s.prob_sum, s.outer_sum, s.logit_sum))
-                or (s.count < 0).any()):
-            raise PapmError("malformed class statistics: inconsistent shapes or values")
-        return s
+        return s.check()
+
+    def check(self) -> "ClassStats":
+        """Consistent shapes and possible values: all finite; counts and probability sums
+        non-negative, and a class's probability mass equal to its count (softmax rows sum to 1)."""
+        c, k = self.prob_sum.shape if self.prob_sum.ndim == 2 else (-1, -1)
+        arrays = (self.count, self.prob_sum, self.outer_sum, self.logit_sum)
+        if self.count.shape != (c,) or self.outer_sum.shape != (c, k, k) or self.logit_sum.shape != (c, k):
+            raise PapmError("malformed class statistics: inconsistent shapes")
+        if not all(np.isfinite(a).all() for a in arrays):
+            raise PapmError("malformed class statistics: non-finite values")
+        if (self.count < 0).any() or (self.prob_sum < 0).any() or (self.outer_sum < 0).any():
+            raise PapmError("malformed class statistics: negative counts or probability sums")
+        if not np.allclose(self.prob_sum.sum(1), self.count, rtol=1e-6, atol=1e-6):
+            raise PapmError("malformed class statistics: probability sums do not match the counts")
+        return self
 
 
 @torch.no_grad()
@@ -202,9 +212,12 @@ def parse_devices(text: str) -> list[int]:
 
 def run_grouping(base_path: str, devices: list[int], data: str | None, method: str = "correlation",
                  out_dir: str = "result", max_group_size: int | None = None,
-                 device: str = "auto") -> dict:
-    """``papm group``: stats on the base model's validation split, groups for every N,
-    then ``deploy_inf.csv``, ``groups.json``, the similarity heatmap and a dendrogram."""
+                 device: str = "auto", ref_size: int = 5000, node_val: float = 0.1) -> dict:
+    """``papm group``: stats on the devices' held-out images (the union of what the
+    federation's nodes compute them on), groups for every N, then ``deploy_inf.csv``,
+    ``groups.json``, the similarity heatmap and a dendrogram."""
+    from .specialize import base_split, reference_splits
+
     dev = resolve_device(device)
     model, meta = checkpoint.load(base_path, dev)
     ds = load_dataset(data)
@@ -214,10 +227,8 @@ def run_grouping(base_path: str, devices: list[int], data: str | None, method: s
     bad = [n for n in devices if not 1 <= n <= len(ds.classes)]
     if bad:
         raise PapmError(f"device counts {bad} are outside [1, {len(ds.classes)}] (the number of classes)")
-    cfg = meta.get("config", {})
-    # the same validation split the base model was selected on: never the test split
-    _, val = carve(ds.train, int(cfg.get("val_size", 5000)), int(cfg.get("seed", 0)),
-                   int(cfg.get("per_class", 0)))
+    # the images the federation's nodes hold out: never the server's validation or test split
+    val = reference_splits(ds, base_split(meta, ref_size, node_val)).node_val
     stats = class_stats(model, val)
     sim = similarity(stats, method)
     groups = {n: group_classes(stats, n, method, max_group_size) for n in devices}
@@ -229,11 +240,11 @@ def run_grouping(base_path: str, devices: list[int], data: str | None, method: s
         w.writerow([n, str(g), str([[ds.classes[c] for c in grp] for grp in g])])
     atomic_write(out / "deploy_inf.csv", lambda p: p.write_text(buf.getvalue()))
     result = {"base": str(base_path), "base_sha256": file_sha256(base_path), "method": method,
-              "split": "val", "val_images": len(val), "classes": ds.classes,
+              "split": "node_val", "val_images": len(val), "classes": ds.classes,
               "max_group_size": max_group_size, "similarity": sim.tolist(),
               "groups": {str(n): g for n, g in groups.items()}, "provenance": provenance()}
     write_json(out / "groups.json", result)
-    heatmap(sim, ds.classes, out / "similarity.png", f"class similarity ({method}, validation split)")
+    heatmap(sim, ds.classes, out / "similarity.png", f"class similarity ({method}, devices' held-out images)")
     dendrogram(sim, ds.classes, out / "dendrogram.png", f"average linkage on 1 - {method}")
     return result
 

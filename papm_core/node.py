@@ -1,14 +1,17 @@
 """What one edge node computes, without Flower: local class statistics, a cached pruned
 model, embeddings, and its own batch-1 latency. ``clients/app.py`` calls these.
 
-A node's data is ``LocalData``: the private training images (train minus the server's
-validation split and public reference set, exactly as ``papm prune`` carves them) and
-the validation images of the same classes. In simulation every node reads the same
-source and keeps only the classes it holds; on an edge box the source is its own folder.
+A node's data is ``LocalData``: its private training images (train minus the server's
+validation split, the public reference set and the devices' held-out slices, exactly as
+``papm prune`` carves them) and its own held-out images of the same classes, which pick
+its epochs and give the grouping statistics. No image the server sends carries a label.
+In simulation every node reads the same source and keeps only the classes it holds; on
+an edge box the source is its own data file (``papm shard``).
 
 The node keeps its pruned models in a node-local store (``<store>/pruned/<key>.pt``).
-The key hashes the base model, the classes and every pruning setting, so a model is
-built once and reused by every run that needs it (any N, any rerun).
+The key hashes the base model, the classes, every pruning setting and the content of
+the node's data, so a model is built once and reused by every run that needs it (any N,
+any rerun) and never by a run on other data.
 
 Example: ``python -c "from papm_core.node import prune_key; print(prune_key('ab', [3, 5], {}, {}))"``
 """
@@ -28,27 +31,26 @@ import torch.nn as nn
 
 from . import checkpoint
 from .config import PruneConfig, to_dict
-from .data import Dataset, Split, load_dataset, subsample
+from .data import Dataset, Split, load_dataset
 from .evaluate import LATENCY_METHOD, latency_ms
 from .fusion import cached_embed
 from .grouping import ClassStats, class_stats
-from .specialize import DeviceData, prune, reference_splits
+from .specialize import Carve, DeviceData, calibration, prune, reference_splits
 from .util import PapmError, atomic_write, file_sha256, write_json
 
 
 @dataclass
 class LocalData:
     private: Split      # private training images of every class this node can read
-    val: Split          # validation images of the same classes
+    val: Split          # this node's own held-out images of the same classes
     classes: list[str]  # class names of the source
+    fingerprint: str = ""  # content hash of the node's data source (part of every model key)
 
 
 @functools.lru_cache(maxsize=4)
-def _local(source: str | None, split_json: str) -> tuple[Dataset, Split, Split, Split]:
-    split = json.loads(split_json)
+def _local(source: str | None, split_json: str) -> tuple[Dataset, Carve]:
     ds = load_dataset(source)
-    private, ref, val = reference_splits(ds, split, int(split["ref_size"]))
-    return ds, private, ref, val
+    return ds, reference_splits(ds, json.loads(split_json))
 
 
 BOX_KEYS = ("private_x", "private_y", "val_x", "val_y", "class_names")
@@ -56,7 +58,7 @@ BOX_KEYS = ("private_x", "private_y", "val_x", "val_y", "class_names")
 
 def write_box(path: Path, private: Split, val: Split, class_names: list[str]) -> Path:
     """An edge box's data file (``.npz``, no pickled objects): its private training images
-    and validation images as uint8 NCHW with global int64 labels, plus all class names."""
+    and its own held-out images as uint8 NCHW with global int64 labels, plus all class names."""
     arrays = {"private_x": private.x.numpy(), "private_y": private.y.numpy(), "val_x": val.x.numpy(),
               "val_y": val.y.numpy(), "class_names": np.array(class_names, dtype=str)}
 
@@ -86,7 +88,7 @@ def read_box(path: str) -> LocalData:
         if len(y) and not (0 <= y.min() and y.max() < len(names)):
             raise PapmError(f"box data {path}: {part} labels outside 0..{len(names) - 1}")
         out[part] = Split(part, torch.from_numpy(x), torch.from_numpy(y), names)
-    return LocalData(out["private"], out["val"], names)
+    return LocalData(out["private"], out["val"], names, "box:" + file_sha256(path))
 
 
 def local_data(source: str | None, split: dict, held: list[int] | None = None) -> LocalData:
@@ -95,29 +97,31 @@ def local_data(source: str | None, split: dict, held: list[int] | None = None) -
     data set that the node carves exactly as the server does (simulation)."""
     if source and str(source).endswith(".npz"):
         box = read_box(str(source))
-        private, val, classes = box.private, box.val, box.classes
+        private, val, classes, fp = box.private, box.val, box.classes, box.fingerprint
     else:
-        ds, private, _, val = _local(source, json.dumps(split, sort_keys=True))
-        classes = ds.classes
+        ds, c = _local(source, json.dumps(split, sort_keys=True))
+        private, val, classes, fp = c.private, c.node_val, ds.classes, ds.key
     if held is not None:
         private, val = private.shard(held), val.shard(held)
-    return LocalData(private, val, classes)
+    return LocalData(private, val, classes, fp)
 
 
 def make_box(path: Path, base_meta: dict, data: str | None, classes: list[int] | None,
-             ref_size: int) -> Path:
+             ref_size: int, node_val: float = 0.1) -> Path:
     """``papm shard``: an edge box's data file from a data set (the full one, or the box's
     own image tree). Images are carved by the base model's split exactly as the server
-    carves its validation and public reference sets, so none of those reach a box; labels
-    become the base model's class ids (matched by class name)."""
-    from .specialize import base_split, reference_splits
+    carves its validation and public reference sets, so none of those reach a box; the
+    box's held-out images are its own slice, as a simulated node's; labels become the base
+    model's class ids (matched by class name)."""
+    from .specialize import base_split
 
     names = list(base_meta.get("class_names") or [])
     ds = load_dataset(data)
     unknown = sorted(set(ds.classes) - set(names))
     if unknown:
         raise PapmError(f"classes {unknown} of {ds.source} are not classes of the base model")
-    private, _, val = reference_splits(ds, base_split(base_meta), ref_size)
+    c = reference_splits(ds, base_split(base_meta, ref_size, node_val))
+    private, val = c.private, c.node_val
     to_base = torch.tensor([names.index(c) for c in ds.classes], dtype=torch.int64)
     private, val = (Split(s.name, s.x, to_base[s.y], names) for s in (private, val))
     if classes is not None:
@@ -147,19 +151,20 @@ def held_classes(num_classes: int, partition: int, partitions: int, deal_seed: i
 
 
 def local_stats(base: nn.Module, data: LocalData, classes: list[int]) -> ClassStats:
-    """Class statistics of the base model's predictions on this node's validation images
-    (held out from the base model's training, so the predictions are not overfit)."""
+    """Class statistics of the base model's predictions on this node's held-out images
+    (never in the base model's training set, so the predictions are not overfit)."""
     present = [c for c in classes if c in set(data.val.y.unique().tolist())]
     if not present:
         raise PapmError(f"this node holds no validation images of classes {classes}")
     return class_stats(base, data.val.shard(present))
 
 
-def prune_key(base_sha: str, classes: list[int], prune_cfg: dict, split: dict) -> str:
-    """Content key of one device model: base, classes, settings (device/out paths excluded)."""
+def prune_key(base_sha: str, classes: list[int], prune_cfg: dict, split: dict, data_fp: str) -> str:
+    """Content key of one device model: base, classes, settings (device/out paths excluded)
+    and the content hash of the node's data (``LocalData.fingerprint``)."""
     cfg = {k: v for k, v in prune_cfg.items() if k not in ("device", "out_dir", "data", "classes")}
-    blob = json.dumps({"base": base_sha, "classes": sorted(classes), "cfg": cfg, "split": split},
-                      sort_keys=True)
+    blob = json.dumps({"base": base_sha, "classes": sorted(classes), "cfg": cfg, "split": split,
+                       "data": data_fp}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
@@ -171,7 +176,7 @@ def ensure_pruned(base: nn.Module, base_sha: str, data: LocalData, cfg: PruneCon
                   public: dict[str, Split], store: Path, on_epoch=None) -> tuple[Path, dict, bool]:
     """The node's pruned model for ``cfg.classes``: loaded from the store when built before,
     else pruned, fine-tuned and saved atomically. Returns (path, report, reused)."""
-    key = prune_key(base_sha, cfg.classes, to_dict(cfg), split)
+    key = prune_key(base_sha, cfg.classes, to_dict(cfg), split, data.fingerprint)
     path = _pruned_path(store, key)
     if path.is_file():
         try:
@@ -181,14 +186,12 @@ def ensure_pruned(base: nn.Module, base_sha: str, data: LocalData, cfg: PruneCon
             pass  # a damaged file is rebuilt; a half-written one never exists (atomic save)
     dev = next(base.parameters()).device
     shard = data.private.shard(cfg.classes)
-    calib = subsample(shard, -(-cfg.calib_size // len(cfg.classes)), cfg.seed)
-    calib = calib.take(torch.arange(min(cfg.calib_size, len(calib))))
-    own_val = data.val.shard(cfg.classes)
-    val = own_val if cfg.scope == "shard" else public.get("val", own_val)
+    val = data.val if cfg.scope == "all" else data.val.shard(cfg.classes)  # never the server's
     ref = public.get("ref")
     if cfg.scope == "shard+public" and ref is None:
         raise PapmError("scope shard+public needs the public reference set in the message")
-    dd = DeviceData(shard.to(dev), calib.to(dev), val.to(dev), ref.to(dev) if ref is not None else None,
+    dd = DeviceData(shard.to(dev), calibration(shard, cfg).to(dev), val.to(dev),
+                    ref.to(dev) if ref is not None else None,
                     data.private.to(dev) if cfg.scope == "all" else data.private)
     res = prune(base, dd, cfg, on_epoch=on_epoch, teacher_cache=Path(store) / "teacher")
     res.report["key"] = key
@@ -247,7 +250,8 @@ def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200) -> 
     sha = file_sha256(path)
     lat = cached_latency(model, sha, store, runs)
     return {"features": feats, "pred": pred, "latency_ms": lat["median_ms"],
-            "latency_p90_ms": lat["p90_ms"], "threads": lat["threads"],
+            "latency_p90_ms": lat["p90_ms"], "latency_blocks_ms": lat.get("block_medians_ms"),
+            "latency_method": lat.get("method"), "threads": lat["threads"],
             "latency_reused": lat["reused"], "params": sum(p.numel() for p in model.parameters()),
             "file_mb": checkpoint.file_mb(path), "sha256": sha,
             "classes": meta.get("served_classes", [])}

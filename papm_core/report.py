@@ -22,6 +22,10 @@ from .config import same_settings
 from .plots import figure, heatmap, save
 from .util import atomic_write
 
+LATENCY_NOTE = ("Every latency (base, devices, head) is the median of at least 200 batch-1 runs after "
+                "a warm-up, timed as five such blocks in a row, of which the quietest block counts; each "
+                "device's block medians are in `devices.csv` (`latency reused`: timed by an earlier run of "
+                "the same model file, thread count and method on this node).")
 ORIGINAL = {2: (90.17, 89.88, 3.0), 3: (89.78, 89.56, 3.3), 4: (89.30, 89.00, 3.5), 5: (89.36, 89.14, 3.4),
             6: (88.77, 88.49, 3.3), 7: (88.27, 88.10, 3.4), 8: (87.60, 87.38, 3.4), 9: (87.24, 86.83, 3.4),
             10: (85.64, 85.63, 3.3)}  # best, mean, ms/sample; base 95.59 %, lossless CIFAR-10
@@ -77,13 +81,30 @@ def _head(f: dict) -> str | None:
     return f["head"] + ("" if f.get("gain_z") is None else f" (z {f['gain_z']:.1f})")
 
 
+def _diff(a, b):
+    return None if a is None or b is None else a - b
+
+
+def _status(r: dict) -> str:
+    return "incomplete" if r.get("incomplete") or r.get("missing") else "complete"
+
+
 def fusion_rows(res: dict[int, dict]) -> list[dict]:
+    """One row per device count: the fused fleet beside the base model, its own N = 1 and its
+    best single device (picked on validation), and the plain average of its devices."""
+    one = res.get(1, {}).get("fusion", {}).get("test_acc") if _status(res.get(1, {})) == "complete" else None
     rows = []
     for n, r in sorted(res.items()):
         f, lat = r["fusion"], [d.get("latency_ms") for d in r["per_device"] if d.get("latency_ms")]
-        orig = ORIGINAL.get(n, (None, None, None))
-        rows.append({"N": n, "fused acc %": f["test_acc"], "head": _head(f), "best acc %": f.get("seed_best"),
-                     "mean acc %": f.get("seed_mean"), "base − fused": r["base"]["test_acc"] - f["test_acc"],
+        fl, orig = r.get("fleet", {}), ORIGINAL.get(n, (None, None, None))
+        sd = f.get("seed_sd")
+        rows.append({"N": n, "status": _status(r), "fused acc %": f["test_acc"], "head": _head(f),
+                     "head seeds mean ± sd %": f"{f['seed_mean']:.2f} ± {sd:.2f}" if sd is not None else None,
+                     "base − fused": r["base"]["test_acc"] - f["test_acc"],
+                     "fused − N=1": _diff(f["test_acc"], one) if n != 1 else None,
+                     "best single device %": fl.get("best_single_test_acc"),
+                     "fused − best single": _diff(f["test_acc"], fl.get("best_single_test_acc")),
+                     "average of devices %": fl.get("average_test_acc"),
                      "worst, one missing %": f.get("missing_one_worst"),
                      "mean, one missing %": f.get("missing_one_mean"),
                      "inference ms (max device)": max(lat) if lat else None,
@@ -93,18 +114,43 @@ def fusion_rows(res: dict[int, dict]) -> list[dict]:
     return rows
 
 
+def base_own_acc(base: dict, classes: list[int]) -> float | None:
+    """The base model's test accuracy on ``classes`` (per-class figures weighted by images)."""
+    names = list(base["test_per_class"])
+    counts = base.get("test_class_counts") or {c: 1 for c in names}
+    tot = sum(counts[names[c]] for c in classes)
+    return sum(base["test_per_class"][names[c]] * counts[names[c]] for c in classes) / tot if tot else None
+
+
 def device_rows(res: dict[int, dict], base: dict) -> list[dict]:
-    rows, seen = [], set()
+    rows = []
     for n, r in sorted(res.items()):
         for d in r["per_device"]:
+            b_own = base_own_acc(base, d["classes"]) if d["classes"] else None
+            blocks = d.get("latency_blocks_ms")
             rows.append({"N": n, "device": d["device"], "node": d.get("node"),
                          "classes": "-".join(map(str, d["classes"])), "own acc %": d.get("test_own_acc"),
-                         "mean acc %": d.get("test_acc"), "params": d.get("params"),
-                         "MB": d.get("file_mb"), "× base size": (d["file_mb"] / base["file_mb"]) if d.get("file_mb") else None,
-                         "latency ms": d.get("latency_ms"), "built": "reused" if d.get("reused") else ("new" if d.get("key") else "—"),
+                         "base own acc %": b_own, "specialisation gain": _diff(d.get("test_own_acc"), b_own),
+                         "all-class acc %": d.get("test_acc"), "val acc %": d.get("val_acc"),
+                         "params": d.get("params"), "MB": d.get("file_mb"),
+                         "× base size": (d["file_mb"] / base["file_mb"]) if d.get("file_mb") else None,
+                         "latency ms": d.get("latency_ms"),
+                         "latency block medians ms": " ".join(f"{b:.2f}" for b in blocks) if blocks else None,
+                         "latency reused": d.get("latency_reused"),
+                         "built": "reused" if d.get("reused") else ("new" if d.get("key") else "—"),
                          "masked": d.get("masked")})
-            seen.add(d.get("key"))
     return rows
+
+
+def incomplete_lines(res: dict[int, dict]) -> str:
+    """Each device count whose fleet was not whole, with the reasons; sim.py redoes them."""
+    lines = [f"- **N = {n}**: " + "; ".join(r.get("incomplete") or [f"{m['round']}:{m['node']}: {m['reason']}"
+                                                                    for m in r["missing"]])
+             for n, r in sorted(res.items()) if _status(r) != "complete"]
+    if not lines:
+        return ""
+    return ("\n**Incomplete device counts** (a device or class was missing; the next run of the same "
+            "command redoes them, and their figures are not a whole fleet's):\n\n" + "\n".join(lines) + "\n")
 
 
 def round_rows(res: dict[int, dict]) -> list[dict]:
@@ -130,6 +176,9 @@ def _plots(out: Path, res: dict[int, dict], base: dict) -> list[str]:
     worst = [res[n]["fusion"].get("missing_one_worst") for n in ns]
     ax.plot([n for n, w in zip(ns, worst) if w is not None], [w for w in worst if w is not None], "s--",
             label="worst, one device missing")
+    single = [(n, res[n].get("fleet", {}).get("best_single_test_acc")) for n in ns]
+    ax.plot([n for n, a in single if a is not None], [a for _, a in single if a is not None], "^:",
+            label="best single device (picked on validation)")
     ax.axhline(base["test_acc"], color="k", lw=1, label=f"base {base['test_acc']:.2f}%")
     ax.set_xlabel("devices N")
     ax.set_ylabel("test accuracy %")
@@ -191,19 +240,29 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
     timing = [{"N": n, "wall s": t["wall_s"], **{f"{k} s": v for k, v in t["rounds"].items()}}
               for n, t in sorted(((int(k), v) for k, v in extra.get("timings", {}).items() if k.isdigit()))]
     md = [f"# PAPM federation report\n\nGenerated {time.strftime('%Y-%m-%d %H:%M:%S')}. All accuracies are "
-          f"on the test split ({next(iter(res.values()))['test_images'] if res else '—'} images); selection "
-          "and early stopping used the validation split only. Original figures are on lossless CIFAR-10.\n",
+          f"on the test split ({next(iter(res.values()))['test_images'] if res else '—'} images), read once "
+          "after every model and head was fixed. Each split has one job: the base model chose its checkpoint "
+          "and the fusion head its epoch and seed on the server's validation split (the head's keep-or-drop "
+          "gate on the other half of it), each device chose its epochs on its own held-out images, which also "
+          "gave the grouping statistics. Original figures are on lossless CIFAR-10.\n",
           "## Baseline\n", _table(brow),
           "\nPer-class test accuracy (%):\n", _table([{"class": "acc", **base["test_per_class"]}]),
           "\n## Fusion by device count\n",
-          "`fused acc` is the head selected on validation; `head` says what it is: `prior` scores each class "
-          "by the devices serving it, `prior + MLP` adds the trained MLP, kept only where its paired "
-          f"validation gain over the prior reached z ≥ {cfg['fuse'].get('min_gain_z', 0)} (z shown). "
-          "`best`/`mean` are over the fusion-head seeds "
-          f"(device models fixed; {cfg['fuse'].get('head_seeds', 1)} seeds), each measured on test. "
+          "`fused acc` is the head whose epoch and seed were chosen on one half of the validation split; "
+          "`head` says what it is: `prior` scores each class by the devices serving it, `prior + MLP` adds "
+          "the trained MLP, kept only where its gain over the prior on the other half of the validation "
+          f"split (images that chose neither epoch nor seed) reached a paired z ≥ "
+          f"{cfg['fuse'].get('min_gain_z', 0)} (z shown). `head seeds mean ± sd` is the spread over "
+          f"{cfg['fuse'].get('head_seeds', 1)} head seeds on test (device models fixed), not a choice. "
+          "`N = 1` is one device model for every class at the same budget and recipe; `best single device` "
+          "is, of this N's devices (each a classifier of every class), the one most accurate on the "
+          "validation split, reported on test; `average of devices` averages their probabilities. "
           "`inference ms` is the largest per-device batch-1 latency, measured on each node"
-          f"{_threads_note(base)}.\n", shared_machine_note(extra.get("timings", {}), base), "\n",
-          _table(frows), "\n## Per-device pruning effect and model sizes\n",
+          f"{_threads_note(base)}. {LATENCY_NOTE}\n", shared_machine_note(extra.get("timings", {}), base),
+          incomplete_lines(res), "\n", _table(frows), "\n## Per-device pruning effect and model sizes\n",
+          "`specialisation gain` is a device's test accuracy on its own classes minus the base model's on "
+          "the same classes; `val acc` is its accuracy on the server's validation split (every class), "
+          "which picks the best single device.\n\n",
           f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
           "\n## Wall time per device count and round (s)\n", _table(timing),
           "\n## Rounds over the network: node compute and everything else\n",

@@ -32,11 +32,21 @@ from .util import PapmError, write_json
 
 @dataclass
 class DeviceData:
-    shard: Split       # the device's private images of its own classes (global labels)
+    shard: Split       # the device's private training images of its own classes (global labels)
     calib: Split       # <= calib_size images of the shard, for APoZ
-    val: Split         # validation split of all classes (selection only)
-    ref: Split         # the server's public reference set (all classes)
+    val: Split         # the device's own held-out images of its classes (its epoch selection)
+    ref: Split         # the server's public reference set (all classes; labels unused)
     pool: Split        # all private images of every class (scope 'all' only)
+
+
+@dataclass
+class Carve:
+    """Every split of one data set, each with one job (docs: "One job per split")."""
+
+    private: Split     # devices' training images (train - server val - public ref - node_val)
+    node_val: Split    # devices' own held-out images: epoch selection, grouping statistics
+    ref: Split         # the server's public reference set: distillation, head training
+    val: Split         # the server's validation split: base checkpoint, fusion head
 
 
 @dataclass
@@ -47,19 +57,24 @@ class PruneResult:
     path: Path | None = None
 
 
-def base_split(base_meta: dict) -> dict:
-    """The base model's data split settings, which every later stage reuses."""
+def base_split(base_meta: dict, ref_size: int = 5000, node_val: float = 0.1) -> dict:
+    """The data split settings every stage reuses: the base model's (validation size, seed,
+    per-class subsample) plus the public reference size and the devices' held-out share."""
     bcfg = base_meta.get("config", {})
     return {"val_size": int(bcfg.get("val_size", 5000)), "seed": int(bcfg.get("seed", 0)),
-            "per_class": int(bcfg.get("per_class", 0))}
+            "per_class": int(bcfg.get("per_class", 0)), "ref_size": int(ref_size),
+            "node_val": float(node_val)}
 
 
-def reference_splits(ds: Dataset, split: dict, ref_size: int) -> tuple[Split, Split, Split]:
-    """(private pool, public reference set, validation) from the base model's split."""
+def reference_splits(ds: Dataset, split: dict) -> Carve:
+    """Every split of ``ds`` from the split settings (``base_split``), disjoint by construction."""
     pool, val = carve(ds.train, split["val_size"], split["seed"], split["per_class"])
     # the public reference set is the server's: fixed by the base split, not a device seed
-    private, ref = train_val_split(pool, ref_size, split["seed"] + 1)
-    return private, Split("ref", ref.x, ref.y, ref.classes), val
+    private, ref = train_val_split(pool, int(split["ref_size"]), split["seed"] + 1)
+    share = float(split.get("node_val", 0.1))
+    train, node_val = train_val_split(private, max(1, round(share * len(private))), split["seed"] + 2)
+    return Carve(train, Split("node_val", node_val.x, node_val.y, node_val.classes),
+                 Split("ref", ref.x, ref.y, ref.classes), val)
 
 
 def device_data(ds: Dataset, base_meta: dict, cfg: PruneConfig, device) -> DeviceData:
@@ -69,14 +84,19 @@ def device_data(ds: Dataset, base_meta: dict, cfg: PruneConfig, device) -> Devic
     bad = [c for c in cfg.classes if not 0 <= c < len(ds.classes)]
     if bad:
         raise PapmError(f"unknown class ids {bad}; valid ids are 0..{len(ds.classes) - 1}")
-    private, ref, val = reference_splits(ds, base_split(base_meta), cfg.ref_size)
-    shard = private.shard(cfg.classes)
-    per_class = -(-cfg.calib_size // len(cfg.classes))
-    calib = subsample(shard, per_class, cfg.seed)
-    calib = calib.take(torch.arange(min(cfg.calib_size, len(calib))))
+    c = reference_splits(ds, base_split(base_meta, cfg.ref_size, cfg.node_val))
+    shard = c.private.shard(cfg.classes)
+    # scope 'all' trains on every class, so it selects on held-out images of every class
+    own_val = c.node_val if cfg.scope == "all" else c.node_val.shard(cfg.classes)
     to = lambda s: s.to(device)  # noqa: E731
-    return DeviceData(to(shard), to(calib), to(val), to(ref),
-                      to(private) if cfg.scope == "all" else private)
+    return DeviceData(to(shard), to(calibration(shard, cfg)), to(own_val), to(c.ref),
+                      to(c.private) if cfg.scope == "all" else c.private)
+
+
+def calibration(shard: Split, cfg: PruneConfig) -> Split:
+    """At most ``calib_size`` images of the shard, spread evenly over its classes (APoZ)."""
+    calib = subsample(shard, -(-cfg.calib_size // len(cfg.classes)), cfg.seed)
+    return calib.take(torch.arange(min(cfg.calib_size, len(calib))))
 
 
 def choose_keep(base: nn.Module, calib: Split, cfg: PruneConfig) -> tuple[dict, dict]:
@@ -145,8 +165,8 @@ def prune(base: nn.Module, data: DeviceData, cfg: PruneConfig, on_epoch=None,
     report = {"classes": list(cfg.classes), "params": p, "base_params": p0,
               "reduction": 1 - p / p0, "target_reduction": cfg.params_reduction,
               "param_mb": checkpoint.param_mb(model), "layers": layers, **info,
-              "finetune": {"best_val": ft.best_val, "best_epoch": ft.best_epoch,
-                           "history": ft.history} if ft else None,
+              "finetune": {"best_val_loss": ft.best_val_loss, "best_val_own_acc": ft.best_val_acc,
+                           "best_epoch": ft.best_epoch, "history": ft.history} if ft else None,
               "finetune_seconds": time.perf_counter() - t1 - info["slim_seconds"]}
     return PruneResult(model, keep, report)
 

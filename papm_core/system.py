@@ -23,7 +23,7 @@ import torch
 from . import checkpoint
 from .data import load_dataset
 from .evaluate import accuracy, latency_ms
-from .fusion import cached_embed, embedding_dim, head_accuracy, head_latency_ms, train_head
+from .fusion import cached_embed, head_accuracy, head_kind, head_latency_ms
 from .specialize import output_name, reference_splits
 from .util import PapmError, file_sha256
 
@@ -52,8 +52,8 @@ def system_data(metas: list[dict], data: str | None):
     ds = load_dataset(data)
     if metas[0]["class_names"] != ds.classes:
         raise PapmError(f"device classes {metas[0]['class_names']} differ from the data's {ds.classes}")
-    _, ref, val = reference_splits(ds, info["split"], int(info.get("ref_size", 5000)))
-    return ds, ref, val
+    c = reference_splits(ds, {"ref_size": info.get("ref_size", 5000), **info["split"]})  # older files: ref_size beside
+    return ds, c.ref, c.val
 
 
 def features(paths, models, split) -> np.ndarray:
@@ -64,24 +64,27 @@ def run_fuse(paths: list[Path], out: str | Path, data: str | None = None, *, epo
              batch_size: int = 128, lr: float = 5e-4, patience: int = 20,
              device_dropout: float = 0.2, seed: int = 0, prior: str = "owner", min_gain_z: float = 1.645,
              on_epoch=None) -> dict:
-    """Train and save the fusion head for these device checkpoints; returns its summary."""
+    """Train and save the fusion head for these device checkpoints, exactly as the federation
+    does (``federation.fuse``: selection half, then the gate half); returns its summary."""
+    from .config import FuseConfig, to_dict
+    from .federation import fuse
+
     models, metas = load_devices(paths)
     ds, ref, val = system_data(metas, data)
-    dims = [embedding_dim(m) for m in models]
-    owners = [m["served_classes"] for m in metas] if prior == "owner" else None
-    res = train_head(features(paths, models, ref), ref.y.numpy(), features(paths, models, val),
-                     val.y.numpy(), dims, len(ds.classes), epochs=epochs, batch_size=batch_size,
-                     lr=lr, patience=patience, device_dropout=device_dropout, seed=seed,
-                     owners=owners, min_gain_z=min_gain_z, on_epoch=on_epoch)
+    cfg = FuseConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                     device_dropout=device_dropout, head_seeds=1, prior=prior, min_gain_z=min_gain_z).validate()
+    idx = range(len(paths))
+    fz = fuse({i: cached_embed(paths[i], models[i], ref) for i in idx},
+              {i: cached_embed(paths[i], models[i], val) for i in idx}, ref, val, len(ds.classes), cfg, seed,
+              {i: metas[i]["served_classes"] for i in idx}, on_epoch=on_epoch)
+    res = fz.heads[fz.pick]
     devices = [{"path": str(p), "sha256": file_sha256(p), "dim": d, "classes": m["served_classes"]}
-               for p, d, m in zip(paths, dims, metas)]
+               for p, d, m in zip(paths, fz.dims, metas)]
     metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-               "prior_val": res.prior_val, "gain_z": res.gain_z}
-    cfg = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience,
-           "device_dropout": device_dropout, "seed": seed, "prior": prior, "min_gain_z": min_gain_z,
-           "reference_images": len(ref)}
+               "prior_val": res.prior_val, "gain_z": res.gain_z, "head": head_kind(res), "gate": res.gate}
     checkpoint.save(out, res.head, kind="fusion", class_names=ds.classes, metrics=metrics,
-                    config=cfg, extra={"devices": devices, "base": metas[0]["base"]})
+                    config={**to_dict(cfg), "seed": seed, "reference_images": len(ref)},
+                    extra={"devices": devices, "base": metas[0]["base"]})
     return {"path": str(out), **metrics, "devices": devices}
 
 

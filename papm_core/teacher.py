@@ -26,7 +26,7 @@ import torch.nn as nn
 from .data import Split
 from .fusion import images_key
 from .loader import READS, normalize
-from .util import atomic_write, autocast
+from .util import atomic_write, autocast, use_bf16
 
 
 def model_key(model: nn.Module) -> str:
@@ -78,11 +78,12 @@ def cached_flip_logits(model: nn.Module, split: Split, root: Path | None, precis
         return flip_logits(model, split, precision)
     dev = split.y.device
     key = key or model_key(model)
+    resolved = "bf16" if use_bf16(next(model.parameters()).device, precision) else "fp32"  # what ran
     out = None
     for c in split.y.unique().tolist():
         idx = (split.y == c).nonzero().flatten()
         part = split.take(idx, name=split.name)
-        path = Path(root) / f"{key}-{precision}-{images_key(part)}.npy"
+        path = Path(root) / f"{key}-{resolved}-{images_key(part)}.npy"
         table = _load(path, len(part))
         if table is None:
             table = flip_logits(model, part, precision).cpu()

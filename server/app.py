@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from papm_core import checkpoint
 from papm_core.config import from_dict, load_all, to_dict
 from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
+from papm_core.data import load_dataset
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.neighbours import other_runs
@@ -45,15 +46,16 @@ def resolved_config(rc) -> dict:
     return {stage: from_dict(stage, raw[stage]) for stage in ("train", "prune", "fuse", "sim")}
 
 
-def ensure_base(rc, cfg: dict, out: Path, say) -> Path:
+def ensure_base(rc, cfg: dict, out: Path, say, data_key: str) -> Path:
     """The run config's base model, or one trained per the preset (kept across reruns
-    only when its training completed: a half-trained base is trained again)."""
+    only when its training completed on this data: a half-trained base, or one trained on
+    other data, is trained again)."""
     if str(rc.get("base", "")):
         return Path(str(rc["base"]))
     path = out / "base.pt"
     if path.is_file():
         _, meta = checkpoint.read(path)
-        if meta["metrics"].get("complete"):
+        if meta["metrics"].get("complete") and meta["metrics"].get("data_key") == data_key:
             return path
     tcfg = cfg["train"]
     tcfg.out, tcfg.data = str(path), str(rc.get("data", "")) or None
@@ -62,11 +64,12 @@ def ensure_base(rc, cfg: dict, out: Path, say) -> Path:
     return path
 
 
-def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int = 0) -> dict:
+def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int = 0, key: dict | None = None) -> dict:
     """Test accuracy, per class, batch-1 latency, size: measured once per base (by sha256).
     ``threads`` > 0 times the base with the simulated devices' torch threads, so that the
     base and device latencies compare like with like. A figure timed while other papm runs
-    were active here is timed again once the machine is quiet."""
+    were active here is timed again once the machine is quiet. ``key``: what else the
+    figures depend on (the data's fingerprint, the test subset)."""
     sha = file_sha256(base_path)
     others = other_runs(str(out))
     matched, threads = threads > 0, threads if threads > 0 else torch.get_num_threads()
@@ -74,8 +77,8 @@ def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int
     if path.is_file():
         old = json.loads(path.read_text())
         if (old.get("sha256"), old.get("test_images"), old.get("threads"), old.get("threads_matched"),
-                old.get("latency_method")) == (sha, len(test), threads, matched, LATENCY_METHOD) and (
-                others or not old.get("other_runs")):
+                old.get("latency_method"), old.get("key")) == (sha, len(test), threads, matched, LATENCY_METHOD,
+                                                               key or {}) and (others or not old.get("other_runs")):
             return old
     acc = accuracy(base, test)
     before = torch.get_num_threads()
@@ -88,21 +91,31 @@ def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int
            "latency_ms": lat["median_ms"], "latency_blocks_ms": lat["block_medians_ms"],
            "latency_method": LATENCY_METHOD, "threads": threads, "threads_matched": matched,
            "file_mb": checkpoint.file_mb(base_path), "params": sum(p.numel() for p in base.parameters()),
-           "test_images": len(test), "other_runs": others}
+           "test_images": len(test), "other_runs": others, "key": key or {},
+           "test_class_counts": {c: int((test.y == k).sum()) for k, c in enumerate(test.classes)}}
     write_json(path, fig)
     return fig
 
 
-def cached_grouping(run_dir: Path, stats_path: Path | None, key: dict, n: int, sim) -> dict | None:
-    """This N's grouping from an interrupted try; else groups from the class statistics an
-    earlier device count of this simulation uploaded (``stats_path``). Merged statistics
-    are an exact sum over every node's private images, so they depend neither on N nor on
-    how classes were dealt to nodes: the stats round then only identifies the nodes. Real
-    boxes (``stats_path`` None) upload their statistics for every N: their data may change."""
+def grouping_key(stats_key: dict, sim) -> dict:
+    """What a grouping depends on: the statistics' key and the grouping settings."""
+    return {**stats_key, "grouping": sim.grouping, "max_group_size": sim.max_group_size}
+
+
+def cached_grouping(run_dir: Path, stats_path: Path | None, key: dict, n: int, sim, k: int) -> dict | None:
+    """This N's grouping from an interrupted try (only a complete one, made under ``key``
+    plus the grouping settings,
+    covering all ``k`` classes); else groups from the class statistics an earlier device
+    count of this simulation uploaded (``stats_path``, only ever written complete). Merged
+    statistics are an exact sum over every node's held-out images, so they depend neither
+    on N nor on how classes were dealt to nodes: the stats round then only identifies the
+    nodes. Real boxes (``stats_path`` None) upload their statistics for every N: their
+    data may change."""
     g_path = run_dir / "grouping.json"
     if g_path.is_file():
         g = json.loads(g_path.read_text())
-        if g.get("base_sha256") == key["base_sha256"]:
+        if (g.get("complete") and g.get("key") == grouping_key(key, sim)
+                and sorted(c for grp in g.get("groups", []) for c in grp) == list(range(k))):
             return g
     if stats_path is not None and stats_path.is_file():
         cache = json.loads(stats_path.read_text())
@@ -124,28 +137,34 @@ def main(grid: Grid, context: Context) -> None:
 
     t0 = time.monotonic()
     cfg = resolved_config(rc)
-    base_path = ensure_base(rc, cfg, out, say)
+    data_key = load_dataset(str(rc.get("data", "")) or None).key
+    base_path = ensure_base(rc, cfg, out, say, data_key)
     base, meta = checkpoint.load(base_path)
-    split = {**base_split(meta), "ref_size": cfg["prune"].ref_size}
+    trained_on = meta.get("metrics", {}).get("data_key")
+    if trained_on and trained_on != data_key:  # its validation split would not be held out here
+        raise PapmError(f"base model {base_path} was trained on other data (fingerprint {trained_on[:12]}, "
+                        f"this data {data_key[:12]}); pass the data it was trained on, or train a new base")
+    split = base_split(meta, cfg["prune"].ref_size, cfg["prune"].node_val)
     ds, ref, val = server_data(str(rc.get("data", "")) or None, split)
     if not 1 <= n <= len(ds.classes):
         raise PapmError(f"device count {n} is outside [1, {len(ds.classes)}]")
     simulated = str(rc.get("engine", "simulation")).startswith("simulation")
     base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs,
-                            int(rc.get("client-threads", 0)) if simulated else 0)
+                            int(rc.get("client-threads", 0)) if simulated else 0,
+                            {"data": ds.key, "test_per_class": cfg["sim"].test_per_class})
     run_dir = out / f"n{n}"
-    stats_key = {"base_sha256": base_fig["sha256"], "split": split, "data": str(rc.get("data", ""))}
+    stats_key = {"base_sha256": base_fig["sha256"], "split": split, "data": ds.key}
     cached = cached_grouping(run_dir, out / "class_stats.json" if simulated else None, stats_key, n,
-                             cfg["sim"])
+                             cfg["sim"], len(ds.classes))
     strat = PapmStrategy(n, base, base_fig["sha256"], split, ds, ref, val, cfg["prune"], cfg["fuse"],
                          cfg["sim"], run_dir, cfg["prune"].seed,
                          report=lambda **k: say(stage="rounds", **k))
-    result = strat.run(grid, cached)
-    if simulated and strat.stats is not None:
+    result = strat.run(grid, {"key": grouping_key(stats_key, cfg["sim"])}, cached)
+    if simulated and strat.stats is not None:  # complete statistics only: every node, every class
         write_json(out / "class_stats.json", {"key": stats_key, "stats": strat.stats.to_dict()})
     result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0,
                   reference_images=len(ref), validation_images=len(val), test_images=len(strat.test), split=split,
-                  config={k: to_dict(v) for k, v in cfg.items()},
+                  config={**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": ds.key}},
                   provenance={**provenance(), "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
     write_json(run_dir / "result.json", result)
     say(stage="done")

@@ -142,17 +142,18 @@ def local_boxes(out: Path, base_path: Path, data: str | None, n: int, devices: l
     folder = out / "boxes"
     gfile = folder / "groups.json"
     sha = file_sha256(base_path)
+    prune_cfg = json.loads((out / "config.json").read_text())["prune"]
     g = json.loads(gfile.read_text()) if gfile.is_file() else {}
     if g.get("base_sha256") != sha or str(n) not in g.get("groups", {}):
-        g = run_grouping(str(base_path), sorted(set(devices) | {n}), data, out_dir=str(folder), device="cpu")
+        g = run_grouping(str(base_path), sorted(set(devices) | {n}), data, out_dir=str(folder), device="cpu",
+                         ref_size=int(prune_cfg["ref_size"]), node_val=float(prune_cfg["node_val"]))
     _, meta = checkpoint.read(base_path)
-    ref_size = int(json.loads((out / "config.json").read_text())["prune"]["ref_size"])
     boxes = []
     for i, classes in enumerate(g["groups"][str(n)]):
         name = f"box-{i}"
         path = folder / f"n{n}" / f"{name}.npz"
         if not path.is_file():
-            make_box(path, meta, data, classes, ref_size)
+            make_box(path, meta, data, classes, int(prune_cfg["ref_size"]), float(prune_cfg["node_val"]))
         boxes.append(Box(name, path, out / "store" / name, (extra or {}).get(name, "")))
     return boxes
 

@@ -3,18 +3,22 @@
 Rounds, each with its own timeout (``[sim]`` in the preset):
 
 1. **stats**: send the base model; nodes reply with class statistics of its predictions
-   on their validation images. The merged statistics give the grouping for N
+   on their own held-out images. The merged statistics give the grouping for N
    (``papm_core.grouping``), the same as ``papm group`` on the same data and base model.
+   Statistics that miss a node or a class are used for this run only, never cached.
 2. **prune**: node i gets group i (simulation) or the group matching the classes it
-   holds (edge boxes); it prunes and fine-tunes locally and keeps the model.
-3. **embed**: nodes embed the public reference and validation sets; the server trains
-   the fusion head on them, with device dropout.
-4. **evaluate**: nodes embed the test images and time their model; the server computes
-   the fused figures, with each single device missing as well.
+   holds (edge boxes); it prunes and fine-tunes locally, selecting its epochs on its own
+   held-out images, and keeps the model. It receives the public reference images only.
+3. **embed**: nodes embed the public reference and validation images (no labels); the
+   server trains the fusion head on them, with device dropout.
+4. **evaluate**: nodes embed the test images (no labels), once, after every model and
+   head is fixed, and time their model; the server computes the fused figures, with each
+   single device missing, and the fleet against its own members.
 
-A node that errors, replies malformed, or misses a timeout is recorded (round, device,
-node, reason) and masked from then on; the run goes on with the others. Late replies
-are never read: each round pulls only its own message ids.
+A node that errors, replies malformed or with bad values (non-finite or negative
+statistics, embeddings of another width than before), or misses a timeout is recorded
+(round, device, node, reason) and masked from then on; the run goes on with the others.
+Late replies are never read: each round pulls only its own message ids.
 
 Example: the ServerApp (``server/app.py``) builds ``PapmStrategy(...).run(grid)``.
 """
@@ -36,7 +40,8 @@ from clients import wire
 from papm_core import checkpoint
 from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
 from papm_core.data import Dataset, Split, subsample
-from papm_core.federation import device_figures, fuse, fused_figures, match_groups, save_head, stack
+from papm_core.federation import (device_figures, fleet_figures, fuse, fused_figures, match_groups, save_head,
+                                  stack)
 from papm_core.fusion import head_accuracy, head_kind, head_latency_ms
 from papm_core.grouping import ClassStats, group_classes, merge_stats, similarity
 from papm_core.node import prune_key
@@ -78,6 +83,9 @@ class PapmStrategy:
         self.rounds: list[RoundLog] = []
         self.masked: set[int] = set()  # device indices masked so far
         self.stats: ClassStats | None = None  # merged class statistics, when uploaded this run
+        self.incomplete: list[str] = []  # why this run's figures are not a whole fleet's
+        self.keys: dict[int, str] = {}   # device -> its model's content key (from the prune round)
+        self.dims: dict[int, int] = {}   # device -> embedding width (from the embed round)
 
     # --- transport --------------------------------------------------------------------
     def _exchange(self, grid: Grid, name: str, msgs: dict[int, tuple[str, object]], timeout: float,
@@ -139,6 +147,8 @@ class PapmStrategy:
         return wire.pack({"spec": self.base.spec, "split": self.split, **extra}, wire.model_arrays(self.base))
 
     def stats_round(self, grid: Grid, cached: dict | None) -> list[list[int]]:
+        """Identify the nodes (and gather their class statistics unless ``cached`` holds a
+        complete grouping); returns the groups, device order fixed by node identity."""
         k = len(self.ds.classes)
         if cached:
             msg = lambda: wire.pack({"split": self.split, "num_classes": k, "identify_only": True})  # noqa: E731
@@ -164,7 +174,13 @@ class PapmStrategy:
             self.similarity = np.asarray(cached["similarity"])
             groups = [list(g) for g in cached["groups"]]
         else:
-            stats = self.stats = merge_stats([r["stats"] for r in rep.values()])
+            stats = merge_stats([r["stats"] for r in rep.values()])
+            uncovered = [c for c in range(k) if stats.count[c] <= 0]
+            if uncovered:  # grouped without them for this run; never cached, redone next run
+                self.incomplete.append(f"no statistics for classes {uncovered} (stats round: "
+                                       f"{len(rep)} of {len(self.nodes)} nodes answered)")
+            elif len(rep) == len(self.nodes):
+                self.stats = stats  # complete: the only statistics the caller may cache
             self.similarity = similarity(stats, self.sim.grouping)
             groups = group_classes(stats, self.n, self.sim.grouping, self.sim.max_group_size or None)
         self.simulated = all(r["ident"]["simulated"] for r in rep.values())
@@ -182,76 +198,81 @@ class PapmStrategy:
                       wire.array(rep.content, "prob_sum", "float64", (k, k)),
                       wire.array(rep.content, "outer_sum", "float64", (k, k, k)),
                       wire.array(rep.content, "logit_sum", "float64", (k, k))]
-            return {"ident": cfg, "stats": ClassStats(*arrays)}
+            return {"ident": cfg, "stats": ClassStats(*arrays).check()}
         return parse
 
     def prune_round(self, grid: Grid) -> dict[int, dict]:
-        pub = {}
-        if self.prune_cfg.scope != "shard":
-            pub = {"ref_x": self.ref.x.numpy(), "ref_y": self.ref.y.numpy(),
-                   "val_x": self.val.x.numpy(), "val_y": self.val.y.numpy()}
-        msgs = {}
+        # the public reference images (no labels: a device distils on them); nothing of the
+        # server's validation or test split goes to a node here
+        pub = {"ref_x": self.ref.x.numpy()} if self.prune_cfg.scope != "shard" else {}
+        msgs, cfgs = {}, {}
         for d in self._live():
-            cfg = to_dict(PruneConfig(**{**to_dict(self.prune_cfg), "classes": self.groups[d]}))
-            content = wire.pack({"spec": self.base.spec, "split": self.split, "prune": cfg,
+            cfgs[d] = to_dict(PruneConfig(**{**to_dict(self.prune_cfg), "classes": self.groups[d]}))
+            content = wire.pack({"spec": self.base.spec, "split": self.split, "prune": cfgs[d],
                                  "base_sha256": self.base_sha}, {**wire.model_arrays(self.base), **pub})
             msgs[d] = ("train.prune", content)
-            self.keys[d] = prune_key(self.base_sha, self.groups[d], cfg, self.split)
 
         def parse(dev, rep):
-            cfg = wire.config_of(rep.content, ("report", "reused"))
-            if cfg["report"].get("key") != self.keys[dev]:
-                raise wire.WireError(f"node built model {cfg['report'].get('key')}, expected {self.keys[dev]}")
+            cfg = wire.config_of(rep.content, ("report", "reused", "data_fingerprint"))
+            want = prune_key(self.base_sha, self.groups[dev], cfgs[dev], self.split, str(cfg["data_fingerprint"]))
+            if cfg["report"].get("key") != want:
+                raise wire.WireError(f"node built model {cfg['report'].get('key')}, expected {want}")
+            self.keys[dev] = want
             return cfg
         return self._exchange(grid, "prune", msgs, self.sim.prune_timeout, parse)
 
     def embed_round(self, grid: Grid) -> tuple[dict, dict]:
-        imgs = {"ref_x": self.ref.x.numpy(), "ref_y": self.ref.y.numpy(),
-                "val_x": self.val.x.numpy(), "val_y": self.val.y.numpy()}
-        msgs = {d: ("query.embed", wire.pack({"key": self.keys[d]}, imgs)) for d in self._live()}
+        imgs = {"ref_x": self.ref.x.numpy(), "val_x": self.val.x.numpy()}  # images only, no labels
+        msgs = {d: ("query.embed", wire.pack({"key": self.keys[d]}, imgs)) for d in self._live() if d in self.keys}
 
         def parse(dev, rep):
-            r = wire.array(rep.content, "ref_f", "float32", (len(self.ref), None))
-            v = wire.array(rep.content, "val_f", "float32", (len(self.val), r.shape[1]))
+            r = wire.finite(wire.array(rep.content, "ref_f", "float32", (len(self.ref), None)), "ref_f")
+            v = wire.finite(wire.array(rep.content, "val_f", "float32", (len(self.val), r.shape[1])), "val_f")
+            if r.shape[1] <= len(self.ds.classes):
+                raise wire.WireError(f"embedding width {r.shape[1]} leaves no features before the "
+                                     f"{len(self.ds.classes)} log-probabilities")
+            self.dims[dev] = r.shape[1]
             return r, v
         rep = self._exchange(grid, "embed", msgs, self.sim.embed_timeout, parse)
         return {d: r[0] for d, r in rep.items()}, {d: r[1] for d, r in rep.items()}
 
     def evaluate_round(self, grid: Grid) -> dict[int, dict]:
+        """Sent once, after every model and head is fixed: test images without labels."""
         test = self.test
         msgs = {d: ("evaluate", wire.pack({"key": self.keys[d], "latency_runs": self.sim.latency_runs},
-                                          {"test_x": test.x.numpy(), "test_y": test.y.numpy()}))
-                for d in self._live()}
+                                          {"test_x": test.x.numpy()}))
+                for d in self._live() if d in self.dims}
 
         def parse(dev, rep):
             cfg = wire.config_of(rep.content, ("latency_ms", "params", "file_mb", "sha256"))
-            cfg["features"] = wire.array(rep.content, "features", "float32", (len(test), None))
+            # the same width as this device's embed-round embeddings, or the head cannot read it
+            cfg["features"] = wire.finite(wire.array(rep.content, "features", "float32",
+                                                     (len(test), self.dims[dev])), "features")
             cfg["pred"] = wire.array(rep.content, "pred", "int64", (len(test),))
+            if len(test) and not 0 <= cfg["pred"].min() <= cfg["pred"].max() < len(self.ds.classes):
+                raise wire.WireError(f"predictions outside 0..{len(self.ds.classes) - 1}")
             return cfg
         return self._exchange(grid, "evaluate", msgs, self.sim.evaluate_timeout, parse)
 
     def fuse_heads(self, ref_f: dict, val_f: dict, head_path: Path):
-        """``head_seeds`` heads on the same embeddings; validation picks one, which is saved."""
+        """``head_seeds`` heads on the same embeddings; the validation split's selection half
+        picks one, its gate half keeps or drops the MLP (``federation.fuse``); saved."""
         self.report(round="fuse", done=0, total=1)
         t0 = time.monotonic()
-        heads = []
-        for k in range(self.fuse_cfg.head_seeds):  # device models fixed; only the head's seed varies
-            res, order, dims = fuse(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg,
-                                    self.seed + k, {d: self.groups[d] for d in ref_f})
-            heads.append(res)
-        pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))
-        res = heads[pick]
+        fz = fuse(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg, self.seed,
+                  {d: self.groups[d] for d in ref_f})
+        res = fz.heads[fz.pick]
         devices = [{"device": d, "key": self.keys[d], "dim": dm, "classes": self.groups[d]}
-                   for d, dm in zip(order, dims)]
+                   for d, dm in zip(fz.order, fz.dims)]
         metrics = {"val_acc": res.best_val, "best_epoch": res.best_epoch, "epochs_run": res.epochs_run,
-                   "head_seed": self.seed + pick, "prior_val": res.prior_val, "gain_z": res.gain_z,
-                   "head": head_kind(res)}
+                   "head_seed": self.seed + fz.pick, "prior_val": res.prior_val, "gain_z": res.gain_z,
+                   "gate": res.gate, "head": head_kind(res)}
         save_head(head_path, res.head, self.ds.classes, devices, self.fuse_cfg, metrics,
                   {"sha256": self.base_sha, "split": self.split})
         metrics.update(head_mb=checkpoint.file_mb(head_path), seconds=time.monotonic() - t0)
-        return heads, pick, order, dims, metrics
+        return fz, metrics
 
-    def device_rows(self, pruned: dict, ev: dict) -> list[dict]:
+    def device_rows(self, pruned: dict, ev: dict, fleet: dict) -> list[dict]:
         rows = []
         for d in range(self.n):
             group = self.groups[d] if d < len(self.groups) else []
@@ -266,33 +287,42 @@ class PapmStrategy:
                            **{k: rep.get(k) for k in ("params", "reduction", "param_mb", "finetune_seconds")})
             if d in ev:
                 e = ev[d]
-                row.update(latency_ms=e["latency_ms"], file_mb=e["file_mb"], params=e["params"],
+                row.update(latency_ms=e["latency_ms"], latency_blocks_ms=e.get("latency_blocks_ms"),
+                           latency_reused=e.get("latency_reused"), file_mb=e["file_mb"], params=e["params"],
+                           val_acc=fleet["device_val_acc"].get(d),
                            **device_figures(e["pred"], self.test.y, self.groups[d]))
             rows.append(row)
         return rows
 
-    def run(self, grid: Grid, cached_groups: dict | None = None, node_timeout: float = 120.0) -> dict:
-        """All four rounds for N devices; returns the N-run's result (the caller saves it)."""
-        self.keys: dict[int, str] = {}
+    def run(self, grid: Grid, grouping_key: dict, cached_groups: dict | None = None,
+            node_timeout: float = 120.0) -> dict:
+        """All four rounds for N devices; returns the N-run's result (the caller saves it).
+        ``grouping_key`` identifies what the grouping depends on (base, split, data, settings)."""
         self.wait_for_nodes(grid, node_timeout)
         groups = self.stats_round(grid, cached_groups)
-        write_json(self.out / "grouping.json", {"base_sha256": self.base_sha, "groups": groups,
+        write_json(self.out / "grouping.json", {**grouping_key, "groups": groups, "complete": not self.incomplete,
                                                 "similarity": self.similarity.tolist()})
         pruned = self.prune_round(grid)
         ref_f, val_f = self.embed_round(grid)
-        heads, pick, order, dims, metrics = self.fuse_heads(ref_f, val_f, self.out / "fusion.pt")
-        ev = self.evaluate_round(grid)
+        fz, metrics = self.fuse_heads(ref_f, val_f, self.out / "fusion.pt")
+        ev = self.evaluate_round(grid)  # the only time test images leave the server
         y = self.test.y
         test_f = {d: r["features"] for d, r in ev.items()}
-        fused = fused_figures(heads[pick].head, order, dims, test_f, y, self.ds.classes)
-        x, mask = stack(test_f, order, dims, len(y))
-        seed_accs = [head_accuracy(h.head, x, y, mask) for h in heads]
-        fused.update(seed_test_acc=seed_accs, seed_best=max(seed_accs), seed_mean=float(np.mean(seed_accs)),
-                     head_latency_ms=head_latency_ms(heads[pick].head, x[:1], mask[:1]))
+        fused = fused_figures(fz.head, fz.order, fz.dims, test_f, y, self.ds.classes)
+        x, mask = stack(test_f, fz.order, fz.dims, len(y))
+        seed_accs = [head_accuracy(h.head, x, y, mask) for h in fz.heads]  # a spread, never a pick
+        fused.update(seed_test_acc=seed_accs, seed_mean=float(np.mean(seed_accs)),
+                     seed_sd=float(np.std(seed_accs, ddof=1)) if len(seed_accs) > 1 else None,
+                     head_latency_ms=head_latency_ms(fz.head, x[:1], mask[:1]))
+        fleet = fleet_figures(val_f, test_f, self.val.y, y, len(self.ds.classes))
+        missing = [m for log in self.rounds for m in log.missing]
+        self.incomplete += [f"device {m['device']} ({m['node']}) missing from the {m['round']} round: "
+                            f"{m['reason']}" for m in missing]
         compute = {log.name: {self.node_names.get(d, str(d)): round(t, 3) for d, t in log.compute.items()}
                    for log in self.rounds}
         return {"devices": self.n, "groups": self.groups, "fusion": {**metrics, **fused},
-                "per_device": self.device_rows(pruned, ev),
-                "missing": [m for log in self.rounds for m in log.missing],
+                "fleet": {k: v for k, v in fleet.items() if k != "device_val_acc"},
+                "per_device": self.device_rows(pruned, ev, fleet),
+                "incomplete": self.incomplete, "missing": missing,
                 "rounds": {log.name: round(log.seconds, 2) for log in self.rounds},
                 "node_compute_s": compute}

@@ -112,6 +112,28 @@ def flower_processes(out: Path) -> list[str]:
     return found
 
 
+def fused_from_files(run_dir: Path, stores: list[Path], data, test_per_class: int = 0) -> float:
+    """The fused test accuracy recomputed from what a run left on disk: its saved head, and
+    the device models it names, read from the nodes' stores and run live on the images."""
+    import torch
+
+    from papm_core import checkpoint
+    from papm_core.data import load_dataset, subsample
+    from papm_core.fusion import fused_logits
+    from papm_core.loader import normalize
+
+    head, meta = checkpoint.load(run_dir / "fusion.pt")
+    models = []
+    for d in meta["devices"]:
+        path = next(p for s in stores for p in [s / "pruned" / f"{d['key']}.pt"] if p.is_file())
+        models.append(checkpoint.load(path)[0])
+    ds = load_dataset(str(data))
+    test = subsample(ds.test, test_per_class) if test_per_class else ds.test
+    pred = torch.cat([fused_logits(head, models, normalize(test.x[i:i + 500])).argmax(1)
+                      for i in range(0, len(test), 500)])
+    return 100.0 * (pred == test.y).float().mean().item()
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory, shared_archive):
     out = tmp_path_factory.mktemp("sim") / "smoke"

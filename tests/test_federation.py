@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, flower_processes, run_sim
+from conftest import ROOT, flower_processes, fused_from_files, run_sim, write_tree
 from papm_core.neighbours import run_marker
 
 pytest.importorskip("flwr")
@@ -27,17 +27,11 @@ def test_wire_rejects_malformed_messages():
     from clients import wire
     from papm_core.models import build_model, resnet18_spec
 
-    ok = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.uint8),
-                                  "test_y": np.zeros(4, np.int64)})
-    x, y = wire.images(ok, "test")
-    assert x.shape == (4, 3, 32, 32) and y.dtype == np.int64
-    bad_dtype = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.float32),
-                                         "test_y": np.zeros(4, np.int64)})
-    bad_shape = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 32, 32), np.uint8),
-                                         "test_y": np.zeros(4, np.int64)})
-    bad_len = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.uint8),
-                                       "test_y": np.zeros(5, np.int64)})
-    for content, what in ((bad_dtype, "dtype"), (bad_shape, "shape"), (bad_len, "shape")):
+    ok = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.uint8)})
+    assert wire.images(ok, "test").shape == (4, 3, 32, 32)
+    bad_dtype = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 3, 32, 32), np.float32)})
+    bad_shape = wire.pack({"key": "k"}, {"test_x": np.zeros((4, 32, 32), np.uint8)})
+    for content, what in ((bad_dtype, "dtype"), (bad_shape, "shape")):
         with pytest.raises(wire.WireError, match=what):
             wire.images(content, "test")
     with pytest.raises(wire.WireError, match="lacks array"):
@@ -74,7 +68,7 @@ def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
     assert held_classes(10, 0, 3, 0) != held_classes(10, 0, 3, 5)
     torch.manual_seed(0)
     base = build_model(resnet18_spec(0.125)).eval()
-    split = {"val_size": 500, "seed": 0, "per_class": 0, "ref_size": 500}
+    split = {"val_size": 500, "seed": 0, "per_class": 0, "ref_size": 500, "node_val": 0.1}
     source = str(cifar.source)
     groupings, stats = [], []
     for n, seed in ((3, 0), (3, 5), (4, 1)):
@@ -85,7 +79,9 @@ def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
         groupings.append({k: group_classes(merged, k) for k in (2, 3, 5)})
     assert all(g == groupings[0] for g in groupings)
     assert np.allclose(stats[0].outer_sum, stats[1].outer_sum)
-    assert stats[0].count.sum() == 500
+    from papm_core.specialize import reference_splits
+    # the nodes' own held-out images, all of them, once: never the server's validation split
+    assert stats[0].count.sum() == len(reference_splits(cifar, split).node_val) == 4900
     _stats_reused_across_device_counts(stats[0], tmp_path)
 
 
@@ -100,16 +96,18 @@ def _stats_reused_across_device_counts(merged, tmp_path):
     key = {"base_sha256": "abc", "split": {"seed": 0}, "data": "d"}
     write_json(tmp_path / "class_stats.json", {"key": key, "stats": merged.to_dict()})
     for k in (2, 3, 5):
-        got = cached_grouping(tmp_path / f"n{k}", tmp_path / "class_stats.json", key, k, SimConfig())
+        got = cached_grouping(tmp_path / f"n{k}", tmp_path / "class_stats.json", key, k, SimConfig(), 10)
         assert got["groups"] == group_classes(merged, k)
         assert np.array_equal(got["similarity"], similarity(merged))
     other = {**key, "base_sha256": "def"}
-    assert cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", other, 2, SimConfig()) is None
-    assert cached_grouping(tmp_path / "n2", None, key, 2, SimConfig()) is None  # real boxes: always upload
-    write_json(tmp_path / "n2" / "grouping.json",
-               {"base_sha256": "abc", "groups": [[0], [1]], "similarity": []})
-    retried = cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", key, 2, SimConfig())
-    assert retried["groups"] == [[0], [1]]
+    assert cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", other, 2, SimConfig(), 10) is None
+    assert cached_grouping(tmp_path / "n2", None, key, 2, SimConfig(), 10) is None  # real boxes: always upload
+    from server.app import grouping_key
+    done = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]  # an interrupted try's complete grouping is reused
+    write_json(tmp_path / "n2" / "grouping.json", {"key": grouping_key(key, SimConfig()), "groups": done,
+                                                   "complete": True, "similarity": []})
+    retried = cached_grouping(tmp_path / "n2", tmp_path / "class_stats.json", key, 2, SimConfig(), 10)
+    assert retried["groups"] == done
 
 
 def test_match_groups_for_boxes_and_simulation():
@@ -167,12 +165,21 @@ def test_smoke_run_end_to_end(smoke_run):
     for section in ("## Baseline", "## Fusion by device count", "## Per-device pruning effect",
                     "## Wall time", "## Provenance", "original best %", "Distinct pruned models built"):
         assert section in report
-    for n in (2, 3):
+    for section in ("best single device", "specialisation gain", "quietest block", "| 1 | complete |"):
+        assert section in report, section  # the fleet against its own members, the timing method
+    assert "best acc %" not in report  # no figure is a maximum over test
+    header = (out / "devices.csv").read_text().splitlines()[0]
+    assert "latency block medians ms" in header and "latency reused" in header
+    for n in (1, 2, 3):  # N = 1 is always run: one device model for every class
         res = json.loads((out / f"n{n}" / "result.json").read_text())
         assert len(res["groups"]) == n and sorted(c for g in res["groups"] for c in g) == list(range(10))
-        assert res["missing"] == []
+        assert res["missing"] == [] and res["incomplete"] == []
         assert res["fusion"]["test_acc"] > 12.0  # above chance (10 %) on 1,000 test images
-        assert res["fusion"]["missing_one_worst"] is not None
+        assert res["fusion"]["missing_one_worst"] is not None or n == 1
+        fleet = res["fleet"]
+        best = max(res["per_device"], key=lambda d: (d["val_acc"], -d["device"]))
+        assert fleet["best_single_device"] == best["device"]
+        assert fleet["best_single_test_acc"] == pytest.approx(best["test_acc"], abs=1e-4)
         for d in res["per_device"]:
             assert d["reduction"] >= 0.77 and d["latency_ms"] > 0 and d["params"] > 0
         assert res["provenance"]["git_commit"] and res["config"]["prune"]["seed"] == 0
@@ -187,7 +194,7 @@ def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archiv
     from papm_core.grouping import run_grouping
 
     out, _ = smoke_run
-    central = run_grouping(str(out / "base.pt"), [2, 3], str(shared_archive), out_dir=str(tmp_path))
+    central = run_grouping(str(out / "base.pt"), [2, 3], str(shared_archive), out_dir=str(tmp_path), ref_size=200)
     for n in (2, 3):
         fed = json.loads((out / f"n{n}" / "grouping.json").read_text())
         assert fed["groups"] == central["groups"][str(n)]
@@ -200,18 +207,33 @@ def test_failing_node_is_masked_and_named(smoke_run, tmp_path, shared_archive):
     run = tmp_path / "fail"
     with run_marker("runs/neighbour"):  # another run on this machine: its load is in the timings
         r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
-                    "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "1"})
+                    "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "1",
+                                                    "PAPM_TEST_FAIL_ROUND": "stats"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "other papm runs are active on this machine (runs/neighbour)" in r.stderr
     assert json.loads((run / "timings.json").read_text())["2"]["other_runs"] == ["runs/neighbour"]
     assert "Caveat: not a quiet machine" in (run / "REPORT.md").read_text()
     res = json.loads((run / "n2" / "result.json").read_text())
-    assert [(m["round"], m["node"]) for m in res["missing"]] == [("prune", "node-1")]
+    # node-1 never identified itself: it is named by its Flower node id
+    assert [(m["round"], m["device"]) for m in res["missing"]] == [("stats", 1)]
     assert "injected failure" in res["missing"][0]["reason"]
     assert res["per_device"][1]["masked"] and not res["per_device"][0]["masked"]
-    assert res["fusion"]["test_acc"] > 0
-    assert "prune:node-1" in (run / "REPORT.md").read_text()
+    # the figure is the head saved over the one device that answered, on the test subset
+    assert json.loads((run / "n2" / "result.json").read_text())["incomplete"]
+    assert res["fusion"]["test_acc"] == pytest.approx(
+        fused_from_files(run / "n2", [run / "store"], shared_archive, 100), abs=0.11)
+    report = (run / "REPORT.md").read_text()
+    assert f"stats:{res['missing'][0]['node']}" in report and "**N = 2**" in report
+    assert "| 2 | incomplete |" in report and "| 1 | complete |" in report
     assert flower_processes(run) == []
+    # a clean rerun redoes the incomplete N and gives exactly the clean run's groups and figures
+    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
+                "--base", out / "base.pt")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res, ref = (json.loads((d / "n2" / "result.json").read_text()) for d in (run, out))
+    assert res["groups"] == ref["groups"] and res["missing"] == [] and res["incomplete"] == []
+    assert res["fusion"]["test_acc"] == ref["fusion"]["test_acc"]
+    assert "Incomplete device counts" not in (run / "REPORT.md").read_text()
 
 
 @pytest.mark.slow
@@ -238,9 +260,12 @@ def test_kill_during_prune_then_rerun(smoke_run, tmp_path, shared_archive):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = run / "store" / "pruned"
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 300 and not list(store.glob("*.pt")):
+    while time.monotonic() - t0 < 300 and not (run / "n1" / "result.json").is_file():
+        time.sleep(0.2)  # N = 1 runs first: its model is not the one this test is about
+    single = {p.name for p in store.glob("*.pt")}
+    while time.monotonic() - t0 < 400 and not set(p.name for p in store.glob("*.pt")) - single:
         time.sleep(0.2)
-    done_before = {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt")}
+    done_before = {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt") if p.name not in single}
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(done_before) == 1, "the kill should land inside the prune round"
@@ -257,3 +282,23 @@ def test_kill_during_prune_then_rerun(smoke_run, tmp_path, shared_archive):
     assert res["groups"] == ref["groups"]
     assert res["fusion"]["test_acc"] == ref["fusion"]["test_acc"]
     assert [d["test_acc"] for d in res["per_device"]] == [d["test_acc"] for d in ref["per_device"]]
+
+
+def test_run_folder_with_other_data_is_refused(tmp_path):
+    """A run folder made with one data set is never mixed with another's results: sim.py
+    refuses it with one line naming --force or another --out, and leaves it as it was."""
+    sys.path.insert(0, str(ROOT))
+    import sim
+
+    a = write_tree(tmp_path / "a", per_split=(30, 3))
+    b = write_tree(tmp_path / "b", per_split=(31, 3))  # same classes, other images
+    out = tmp_path / "run"
+    cfg, devices, _ = sim.resolve(sim.parse_args(["--preset", "smoke", "--data", str(a), "--out", str(out)]))
+    assert devices[0] == 1 and cfg["data"]["fingerprint"]
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg))
+    before = (out / "config.json").read_bytes()
+    r = run_sim("--preset", "smoke", "--data", b, "--out", out)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "data.fingerprint" in r.stderr and "--force" in r.stderr and "--out" in r.stderr
+    assert (out / "config.json").read_bytes() == before

@@ -118,7 +118,7 @@ def test_cli_outputs_round_trip(tmp_path, model):
     tree = write_tree(tmp_path / "tree", classes=("a", "b", "c", "d"), per_split=(8, 2))
     base = checkpoint.save(tmp_path / "base.pt", build_model(resnet18_spec(0.125, 4)), kind="base",
                            class_names=["a", "b", "c", "d"], config={"val_size": 8, "seed": 0})
-    res = run_cli("group", "--base", base, "--devices", "2-4", "--data", tree,
+    res = run_cli("group", "--base", base, "--devices", "2-4", "--data", tree, "--ref-size", "8",
                   "--out-dir", tmp_path / "result")
     assert res.returncode == 0, res.stderr
     assert "Device 4: [[0], [1], [2], [3]]" in res.stdout
@@ -131,7 +131,7 @@ def test_cli_outputs_round_trip(tmp_path, model):
     assert sorted(sum(groups[2], [])) == [0, 1, 2, 3] and len(groups[3]) == 3
     for png in ("similarity.png", "dendrogram.png"):
         assert (tmp_path / "result" / png).read_bytes()[:4] == b"\x89PNG"
-    bad = run_cli("group", "--base", base, "--devices", "2-5", "--data", tree,
+    bad = run_cli("group", "--base", base, "--devices", "2-5", "--data", tree, "--ref-size", "8",
                   "--out-dir", tmp_path / "result")
     assert bad.returncode == 2 and "outside [1, 4]" in bad.stderr
     assert read_groups(tmp_path / "result" / "groups.json") == groups  # left intact
