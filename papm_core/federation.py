@@ -71,7 +71,7 @@ def stack(feats: dict[int, np.ndarray], order: list[int], dims: list[int], n: in
 
 @dataclass
 class Fused:
-    heads: list[FuseResult]  # one per head seed; ``pick`` is the one used (gated)
+    heads: list[FuseResult]  # one per head seed, each gated; ``pick`` is the one used
     pick: int
     order: list[int]         # the devices the head reads, in its order
     dims: list[int]          # their embedding widths
@@ -102,7 +102,8 @@ def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref
                         owners=[owners[i] for i in order] if cfg.prior == "owner" else None)
              for k in range(cfg.head_seeds)]  # device models fixed; only the head's seed varies
     pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))
-    gate(heads[pick], xv[held].numpy(), vy[held], cfg.min_gain_z)
+    for res in heads:  # every seed's head as the product would keep it, so their spread is the head's
+        gate(res, xv[held].numpy(), vy[held], cfg.min_gain_z)
     return Fused(heads, pick, order, dims)
 
 

@@ -176,6 +176,8 @@ def test_smoke_run_end_to_end(smoke_run):
         assert res["missing"] == [] and res["incomplete"] == []
         assert res["fusion"]["test_acc"] > 12.0  # above chance (10 %) on 1,000 test images
         assert res["fusion"]["missing_one_worst"] is not None or n == 1
+        f = res["fusion"]  # the seeds' spread is of heads as kept (gated), the picked one among them
+        assert f["seed_test_acc"][f["head_seed"] - res["config"]["prune"]["seed"]] == pytest.approx(f["test_acc"])
         fleet = res["fleet"]
         best = max(res["per_device"], key=lambda d: (d["val_acc"], -d["device"]))
         assert fleet["best_single_device"] == best["device"]
