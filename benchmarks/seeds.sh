@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quick study over device seeds with one fixed base model: for each seed, sim.py on the
 # device counts given (N = 1 always included) with prune.seed = SEED (head seeds follow it),
-# one run folder per seed; then benchmarks/seed_table.py prints the final table.
+# one run folder per seed; then benchmarks/val_table.py prints their validation figures, and
+# with TEST=1 benchmarks/seed_table.py the final test table (once every choice is fixed).
 #
 #   PAPM_DATA=../shared/data/cifar10-jpeg75.tar.xz BASE=runs/quick/base.pt \
 #     bash benchmarks/seeds.sh runs/seeds "2,5,10" 0 1 2
@@ -18,4 +19,7 @@ for seed in "$@"; do
     echo "seed $seed: $(( $(date +%s) - start )) s"
     folders+=("$OUT/seed$seed")
 done
-$PY benchmarks/seed_table.py "${folders[@]}"
+$PY benchmarks/val_table.py "${folders[@]}"
+if [ "${TEST:-0}" = 1 ]; then
+    $PY benchmarks/seed_table.py "${folders[@]}"
+fi
