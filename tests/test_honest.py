@@ -177,9 +177,9 @@ def test_a_partial_grouping_is_never_reused(tmp_path):
 
 
 def test_head_gate_is_decided_on_images_that_chose_nothing():
-    """The validation halves are disjoint and stratified; the gate's z is computed on the
-    gate half alone (changing only selection-half labels leaves it unchanged)."""
-    from papm_core.fusion import build_head, gate, halves, FuseResult
+    """The validation halves are disjoint and stratified; the gate is computed on the gate
+    half's images alone, and a gain it cannot call significant restores the prior exactly."""
+    from papm_core.fusion import FuseResult, build_head, gate, halves
 
     y = np.repeat(np.arange(4), 25)
     a, b = halves(y)
