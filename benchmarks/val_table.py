@@ -30,8 +30,11 @@ def _fmt(v) -> str:
 def rows(folder: Path) -> dict[int, dict]:
     out = {}
     for p in sorted(folder.glob("n*/result.json")):
-        r = json.loads(p.read_text())
-        f, fl = r["fusion"], r.get("fleet", {})
+        try:
+            r = json.loads(p.read_text())
+            f, fl = r["fusion"], r.get("fleet", {})
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"val_table: error: {p} is not a finished result ({type(e).__name__}: {e})") from None
         out[int(p.parent.name[1:])] = {
             "complete": not r.get("missing") and not r.get("incomplete"), "head": f.get("head"),
             "sel": f.get("val_acc"), "gate_prior": (f.get("gate") or {}).get("prior_acc"),
