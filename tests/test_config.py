@@ -51,3 +51,21 @@ def test_bad_presets_fail_in_one_message(tmp_path, text, message):
     bad.write_text(text)
     with pytest.raises(PapmError, match=message):
         load_all(str(bad))
+
+
+def test_requires_python_admits_only_what_flwr_supports():
+    """`flwr run .` resolves the app with uv, which fails (exit 608) when the app admits a
+    Python that one of its dependencies refuses."""
+    import tomllib
+    from importlib.metadata import metadata
+    from pathlib import Path
+
+    from packaging.specifiers import SpecifierSet
+
+    ours = SpecifierSet(tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+                        ["project"]["requires-python"])
+    flwr = SpecifierSet(metadata("flwr")["Requires-Python"])
+    versions = [f"3.{minor}" for minor in range(8, 20)]
+    admitted = [v for v in versions if v in ours]
+    assert admitted, "requires-python admits no Python at all"
+    assert [v for v in admitted if v not in flwr] == []
