@@ -281,6 +281,10 @@ def main(argv=None) -> int:
             raise PapmError("--insecure-plaintext only applies to --deployment")
         cfg, devices, out = resolve(args)
         claim_folder(out, cfg, args)
+        from papm_core.util import precision_line, resolve_device
+        dev = resolve_device("auto")
+        print(f"sim.py: base training {precision_line(dev, cfg['train']['precision'])}, device fine-tuning "
+              f"{precision_line(dev, cfg['prune']['precision'])}; runs to {out}")
         view = View(devices, cfg, enabled=not args.no_progress and sys.stdout.isatty())
         todo = [n for n in devices if args.force or not finished(out / f"n{n}" / "result.json", cfg)]
         t0 = time.monotonic()

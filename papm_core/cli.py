@@ -53,7 +53,7 @@ def _add_train(sub) -> None:
         p.add_argument(name, type=typ, help=hlp)
     p.add_argument("--classes", type=int, nargs="+", help="train on these class ids only")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="training autocast: auto = bf16 on CUDA and AMX CPUs, else fp32")
+                   help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
     p.add_argument("--out", help="checkpoint path (default checkpoints/base.pt)")
     p.add_argument("--no-progress", action="store_true", help="print one line per epoch only")
@@ -127,7 +127,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--augment", choices=["crop+flip", "flip"],
                    help="flip: teacher logits precomputed per class (faster on CPUs)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="training autocast: auto = bf16 on CUDA and AMX CPUs, else fp32")
+                   help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")
     p.add_argument("--device")
     p.add_argument("--out-dir", help="default checkpoints/")
     p.set_defaults(func=cmd_prune)
@@ -140,7 +140,7 @@ def cmd_prune(args) -> int:
     from .config import load_preset
     from .data import cache_dir, load_dataset
     from .specialize import device_data, prune, save_result, test_figures
-    from .util import resolve_device
+    from .util import precision_line, resolve_device
 
     keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
             "min_channels", "round_to", "calib_size", "epochs", "min_steps", "batch_size", "lr",
@@ -153,7 +153,7 @@ def cmd_prune(args) -> int:
         raise PapmError(f"base model classes {meta.get('class_names')} differ from the data's {ds.classes}")
     data = device_data(ds, meta, cfg, dev)
     console = _console()
-    console.print(f"[bold]papm prune[/] classes {cfg.classes} r={cfg.params_reduction} alpha={cfg.alpha} "
+    console.print(f"[bold]papm prune[/] {precision_line(dev, cfg.precision)}; classes {cfg.classes} r={cfg.params_reduction} alpha={cfg.alpha} "
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
                   f"held out {len(data.val)}, calib {len(data.calib)}, public ref {len(data.ref)}")
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(  # selection: the device's own held-out images
@@ -204,9 +204,11 @@ def cmd_train(args) -> int:
                       weight_decay=args.weight_decay, label_smoothing=args.label_smoothing,
                       val_size=args.val_size, per_class=args.per_class, classes=args.classes,
                       device=args.device, precision=args.precision, out=args.out)
+    from .util import precision_line, resolve_device
+
     console = _console()
-    console.print(f"[bold]papm train[/] width {cfg.width} epochs {cfg.epochs} batch {cfg.batch_size} "
-                  f"lr {cfg.lr} seed {cfg.seed} -> {cfg.out}")
+    console.print(f"[bold]papm train[/] {precision_line(resolve_device(cfg.device), cfg.precision)}; width "
+                  f"{cfg.width} epochs {cfg.epochs} batch {cfg.batch_size} lr {cfg.lr} seed {cfg.seed} -> {cfg.out}")
     res = train(cfg, show_progress=not args.no_progress, log=console.print)
     console.print(f"best val {res.best_val:.2f}% (epoch {res.best_epoch}), test {res.test_acc:.2f}%, "
                   f"{res.seconds:.0f} s; saved {res.path}")

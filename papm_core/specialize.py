@@ -27,7 +27,7 @@ from .finetune import finetune
 from .models import count_params, spec_params
 from .prune import (apoz, channel_rank_keep, keep_by_threshold, papm_scores, search_keep, slim,
                     units, weight_norms)
-from .util import PapmError, write_json
+from .util import PapmError, resolve_device, resolve_precision, write_json
 
 
 @dataclass
@@ -192,7 +192,9 @@ def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_
                        else res.report["reduction"])
     path = Path(out_dir) / f"{name}.pt"
     meta = dict(class_names=class_names, metrics=res.report, config=to_dict(cfg),
-                extra={"served_classes": list(cfg.classes), "base": base_info or {}})
+                extra={"served_classes": list(cfg.classes), "base": base_info or {},
+                       "precision": dict(zip(("resolved", "why"),
+                                             resolve_precision(resolve_device(cfg.device), cfg.precision)))})
     checkpoint.save(path, res.model, kind="pruned", **meta)
     res.report["file_mb"] = checkpoint.file_mb(path)
     write_json(path.with_suffix(".json"), {"checkpoint": str(path), **res.report,

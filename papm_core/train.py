@@ -2,7 +2,7 @@
 
 Recipe: SGD with Nesterov momentum, a one-cycle (linear up, linear down) LR per step,
 label smoothing and weight decay (not on BN/bias). channels_last; bf16 autocast on CUDA
-and on CPUs with AMX, fp32 elsewhere (``--precision``); losses in fp32. Selection is on
+and on CPUs with native bf16 (AMX, AVX512-BF16), fp32 elsewhere (``--precision``); losses in fp32. Selection is on
 the validation split carved from train; the test split is evaluated once, at the end,
 for reporting only.
 
@@ -27,7 +27,7 @@ from .data import Split, carve, load_dataset
 from .evaluate import accuracy
 from .loader import batches, num_batches
 from .models import build_model, count_params, resnet18_spec
-from .util import autocast, resolve_device, seed_everything, write_json
+from .util import autocast, resolve_device, resolve_precision, seed_everything, write_json
 
 
 @dataclass
@@ -113,7 +113,8 @@ def train(cfg: TrainConfig, show_progress: bool = True, log=print) -> TrainResul
     opt, sched = make_optimizer(model, cfg, steps, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     out = Path(cfg.out)
-    meta = dict(class_names=train_s.classes, classes=train_s.class_ids, config=to_dict(cfg))
+    meta = dict(class_names=train_s.classes, classes=train_s.class_ids, config=to_dict(cfg),
+                extra={"precision": dict(zip(("resolved", "why"), resolve_precision(device, cfg.precision)))})
     history, best_val, best_epoch, best_state, t_start = [], -1.0, 0, None, time.perf_counter()
     prog = progress() if show_progress else None
     say = prog.console.print if prog else log

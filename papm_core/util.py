@@ -111,16 +111,35 @@ def resolve_device(name: str | None = "auto") -> torch.device:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def resolve_precision(device: torch.device, precision: str = "auto") -> tuple[str, str]:
+    """The precision training loops run in on ``device``, and why: ``("bf16" | "fp32", reason)``.
+
+    ``auto`` is bf16 autocast on CUDA and on CPUs with native bf16 instructions (AMX or
+    AVX512-BF16), where a training step is about 1.5x faster (``benchmarks/throughput.py``);
+    fp32 elsewhere, where bf16 is emulated and slower. Losses and the optimiser stay fp32.
+    """
+    if precision not in PRECISIONS:
+        raise PapmError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision, "asked for"
+    if device.type == "cuda":
+        return "bf16", "auto: CUDA"
+    for probe, name in (("_is_amx_tile_supported", "AMX"), ("_is_avx512_bf16_supported", "AVX512-BF16")):
+        has = getattr(torch.cpu, probe, None)
+        if has and has():
+            return "bf16", f"auto: the CPU has native bf16 ({name})"
+    return "fp32", "auto: the CPU has no native bf16 (no AMX, no AVX512-BF16)"
+
+
 def use_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """Whether training loops run under bf16 autocast. ``auto``: on CUDA, and on CPUs with
-    AMX bf16 matrix units (there a width-0.25 training step is ~2x faster than fp32,
-    measured on the 2-core dev box); fp32 on other CPUs, where bf16 is emulated and slower."""
-    if precision == "fp32":
-        return False
-    if precision == "bf16" or device.type == "cuda":
-        return True
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(amx and amx())
+    """Whether training loops run under bf16 autocast (``resolve_precision``)."""
+    return resolve_precision(device, precision)[0] == "bf16"
+
+
+def precision_line(device: torch.device, precision: str = "auto") -> str:
+    """``precision bf16 (auto: the CPU has native bf16 (AMX))``: for first lines of output."""
+    name, why = resolve_precision(device, precision)
+    return f"precision {name} ({why})"
 
 
 def autocast(device: torch.device, precision: str = "auto"):

@@ -48,10 +48,26 @@ def test_precision_choice():
     cpu = torch.device("cpu")
     assert not use_bf16(cpu, "fp32") and use_bf16(cpu, "bf16")
     assert use_bf16(torch.device("cuda"), "auto") and not use_bf16(torch.device("cuda"), "fp32")
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    assert use_bf16(cpu, "auto") == amx  # bf16 only where the CPU has matrix units for it
+    native = any(getattr(torch.cpu, f, lambda: False)()
+                 for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    assert use_bf16(cpu, "auto") == native  # bf16 only where the CPU has it natively
     with pytest.raises(PapmError, match="--precision must be one of"):
         load_preset("quick", "train", precision="fp16").validate()
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, expect", [
+    (True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")])
+def test_auto_precision_follows_native_bf16(monkeypatch, amx, avx512_bf16, expect):
+    """``auto`` is bf16 on AMX and on AVX512-BF16 CPUs, fp32 elsewhere, and says why."""
+    from papm_core.util import precision_line, resolve_precision
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    name, why = resolve_precision(torch.device("cpu"), "auto")
+    assert name == expect
+    native = {(True, False): "(AMX)", (False, True): "(AVX512-BF16)"}.get((amx, avx512_bf16), "no native bf16")
+    assert native in why
+    assert precision_line(torch.device("cpu"), "fp32") == "precision fp32 (asked for)"
 
 
 def test_precision_is_deterministic_and_takes_effect(shared_archive, cifar, tmp_path):
