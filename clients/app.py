@@ -15,7 +15,7 @@ Message types (the strategy in ``strategies/papm.py`` sends them):
   this node's batch-1 latency measured here.
 
 Where a node finds its data: an edge box sets ``data`` (a folder or archive of its own
-images; see the README) and ``store`` in its node config. A simulated node has Flower's
+images; see docs/deploy.md) and ``store`` in its node config. A simulated node has Flower's
 ``partition-id``/``num-partitions`` and reads the run config's ``data``: before grouping
 it holds the classes dealt to it (``papm_core.node.held_classes``), after grouping the
 shard of the group the strategy assigns to it.
