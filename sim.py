@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -35,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from papm_core.config import settings_diff, load_all, resolve_preset_name, same_settings, to_dict  # noqa: E402
+from papm_core.config import load_all, resolve_preset_name, same_settings, settings_diff, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
 from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
 from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
@@ -136,11 +137,34 @@ def run_config(n: int, out: Path, cfg: dict, args, base: str = "") -> dict:
     return rc
 
 
-def wait_result(proc, n: int, out: Path, view, log: Path, watch: Watch | None = None) -> dict:
+def follow_hint(n: int, flwr: tuple[str, str], log: Path, start: int) -> str:
+    """Once Flower has named this N's run, the line that says how to follow and stop it from
+    another terminal; "" while the run has no name yet. ``flwr``: how to call flwr for this
+    federation and the SuperLink to name (``("FLWR_HOME=... flwr", "")``); ``start``: the
+    log's size before the run (bytes)."""
+    if not log.is_file():
+        return ""
+    with open(log, "rb") as f:
+        f.seek(start)
+        m = re.search(rb"Successfully started run (\d+)", f.read())
+    if not m:
+        return ""
+    rid, (cmd, sl) = m.group(1).decode(), flwr
+    sl = f" {sl}" if sl else ""
+    return (f"sim.py: N={n}: Flower run {rid}; follow it with `{cmd} log {rid}{sl} --stream` "
+            f"(stop it with `{cmd} stop {rid}{sl}`; `{cmd} list{sl}` lists runs)")
+
+
+def wait_result(proc, n: int, out: Path, view, log: Path, start: int, flwr: tuple[str, str],
+                watch: Watch | None = None) -> dict:
     """Follow one ``flwr run`` to its end; its result.json, or a one-line error.
-    ``watch`` notes other papm runs on this machine meanwhile (their load is in the timings)."""
+    ``start`` and ``flwr`` are ``follow_hint``'s; ``watch`` notes other papm runs on this
+    machine meanwhile (their load is in the timings)."""
+    hinted = ""
     while proc.poll() is None:
         view.update(n, out)
+        if not hinted and (hinted := follow_hint(n, flwr, log, start)):
+            view.note(hinted)
         if watch:
             watch.poll()
         time.sleep(1.0)
@@ -153,34 +177,36 @@ def wait_result(proc, n: int, out: Path, view, log: Path, watch: Watch | None = 
     return json.loads(result.read_text())
 
 
-def start_n(n: int, out: Path) -> Path:
-    """The N's folder; an incomplete result of an earlier try is kept aside, not read back."""
+def start_n(n: int, out: Path) -> tuple[Path, int]:
+    """The N's folder's Flower log and its size now (bytes; earlier tries' lines stay above);
+    an incomplete result of an earlier try is kept aside, not read back."""
     run_dir = out / f"n{n}"
     run_dir.mkdir(parents=True, exist_ok=True)
     old = run_dir / "result.json"
     if old.is_file():
         old.replace(run_dir / "result.incomplete.json")
     (out / "progress.json").unlink(missing_ok=True)
-    return run_dir / "flower.log"
+    log = run_dir / "flower.log"
+    return log, log.stat().st_size if log.is_file() else 0
 
 
 def run_one(fed, n: int, out: Path, cfg: dict, args, view, watch: Watch | None = None) -> dict:
     """One device count on the simulation runtime; returns its result (raises on failure)."""
-    log = start_n(n, out)
+    log, start = start_n(n, out)
     threads = os.cpu_count() or 1
     cpus = cfg["sim"]["client_cpus"] or threads
     cpus = int(cpus) if float(cpus).is_integer() else float(cpus)
     proc = fed.run(run_config(n, out, cfg, args), n,
                    {"client-resources-num-cpus": cpus, "init-args-num-cpus": threads}, log)
-    return wait_result(proc, n, out, view, log, watch)
+    return wait_result(proc, n, out, view, log, start, (f"FLWR_HOME={fed.home} flwr", ""), watch)
 
 
 def deployed_base(out: Path, args, view) -> str:
     """The base model for a deployment: --base, else one trained here (boxes need its grouping)."""
     if args.base:
         return str(Path(args.base).resolve())
-    from server.app import ensure_base, resolved_config
     from papm_core.data import load_dataset
+    from server.app import ensure_base, resolved_config
     rc = {"base": "", "config": str(out / "config.json"), "data": args.data or ""}
     say = lambda **k: view.update(0, out, k)  # noqa: E731
     return str(ensure_base(rc, resolved_config(rc), out, say, load_dataset(args.data).key))
@@ -190,7 +216,7 @@ def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, b
                  watch: Watch | None = None) -> dict:
     """One device count on the Deployment Engine: SuperLink + N SuperNode processes."""
     from server.deploy import Deployment, local_boxes
-    log = start_n(n, out)
+    log, start = start_n(n, out)
     signals = dict(kv.split("=", 1) for kv in os.environ.get("PAPM_TEST_BOX_SIGNAL", "").split(",") if kv)
     boxes = local_boxes(out, Path(base), args.data, n, devices,
                         {k: f'test-signal="{v}"' for k, v in signals.items()})
@@ -199,7 +225,7 @@ def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, b
         dep.start(boxes)
         rc = run_config(n, out, cfg, args, base)
         rc["client-threads"] = max(1, (os.cpu_count() or 1) // n)  # the boxes share this machine
-        return wait_result(dep.run(rc, log), n, out, view, log, watch)
+        return wait_result(dep.run(rc, log), n, out, view, log, start, (f"FLWR_HOME={dep.home} flwr", ""), watch)
     finally:
         if dep.stop():
             print("sim.py: warning: some Flower processes did not stop", file=sys.stderr)
@@ -250,9 +276,9 @@ def run_counts(todo: list[int], devices: list[int], out: Path, cfg: dict, args, 
                 watch.poll(force=True)
                 if args.attach:
                     from server.deploy import attached_run
-                    log = start_n(n, out)
+                    log, start = start_n(n, out)
                     res = wait_result(attached_run(args.attach, run_config(n, out, cfg, args), log), n, out, view,
-                                      log, watch)
+                                      log, start, ("flwr", args.attach), watch)
                 elif args.deployment:
                     res = run_deployed(n, devices, out, cfg, args, view, base, watch)
                 else:

@@ -28,8 +28,7 @@ from papm_core import checkpoint
 from papm_core.config import PruneConfig, load_preset
 from papm_core.data import cache_dir, load_dataset
 from papm_core.grouping import read_groups
-from papm_core.specialize import (base_split, device_data, output_name, prune, save_result,
-                                  test_figures)
+from papm_core.specialize import base_split, device_data, output_name, prune, save_result, test_figures
 from papm_core.system import run_fuse, split_eval
 from papm_core.util import file_sha256, provenance
 
@@ -108,7 +107,8 @@ def main() -> None:
                            base_latency_ms=r["base"]["latency_ms"], end_to_end_ms=r["end_to_end_ms"])
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print("\n| recipe | N | fused val (selection half) % | head |" + (" base test % | fused test % |" if args.test else ""))
+    test_cols = " base test % | fused test % |" if args.test else ""
+    print("\n| recipe | N | fused val (selection half) % | head |" + test_cols)
     print("|---|---|---|---|" + ("---|---|" if args.test else ""))
     for r in rows:
         print(f"| {r['recipe']} | {r['devices']} | {r['fused_val_sel']:.2f} | {r['head']} |"

@@ -9,7 +9,9 @@ Test accuracy is reported (overall and own classes); selection is on validation.
 
 Needs ``pip install torch-pruning`` for the Torch-Pruning row (``pip install -e .[bench]``).
 
-Example: ``python benchmarks/prune_quality.py --base runs/bench-train-quick/base.pt --classes 3 5 --epochs 5 --seeds 0 1 2``
+Example::
+
+    python benchmarks/prune_quality.py --base runs/bench-train-quick/base.pt --classes 3 5 --epochs 5 --seeds 0 1 2
 """
 
 from __future__ import annotations

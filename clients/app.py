@@ -39,8 +39,16 @@ from clients import wire
 from papm_core.config import from_dict
 from papm_core.data import Split
 from papm_core.finetune import finetune_epochs
-from papm_core.node import (box_classes, embed_images, ensure_pruned, evaluate_images, find_pruned,
-                            held_classes, local_data, local_stats)
+from papm_core.node import (
+    box_classes,
+    embed_images,
+    ensure_pruned,
+    evaluate_images,
+    find_pruned,
+    held_classes,
+    local_data,
+    local_stats,
+)
 from papm_core.util import PapmError, atomic_write
 
 app = ClientApp()

@@ -12,7 +12,9 @@ unpickled, and the architecture is rebuilt from ``meta["spec"]`` alone: a pruned
 loads without the pruning code. Writes are atomic (temporary file, then rename).
 Sizes are reported in MB = 2**20 bytes, as the original project's tables do.
 
-Example: ``python -c "from papm_core.checkpoint import load; m, meta = load('checkpoints/base.pt'); print(meta['spec'])"``
+Example::
+
+    python -c "from papm_core.checkpoint import load; m, meta = load('checkpoints/base.pt'); print(meta['spec'])"
 """
 
 from __future__ import annotations

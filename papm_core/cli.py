@@ -53,7 +53,8 @@ def _add_train(sub) -> None:
         p.add_argument(name, type=typ, help=hlp)
     p.add_argument("--classes", type=int, nargs="+", help="train on these class ids only")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")
+                   help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 "
+                        "(AMX, AVX512-BF16), else fp32")
     p.add_argument("--device", help="auto, cpu or cuda[:N]")
     p.add_argument("--out", help="checkpoint path (default checkpoints/base.pt)")
     p.add_argument("--no-progress", action="store_true", help="print one line per epoch only")
@@ -127,7 +128,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--augment", choices=["crop+flip", "flip"],
                    help="flip: teacher logits precomputed per class (faster on CPUs)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 (AMX, AVX512-BF16), else fp32")
+                   help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 "
+                        "(AMX, AVX512-BF16), else fp32")
     p.add_argument("--device")
     p.add_argument("--out-dir", help="default checkpoints/")
     p.set_defaults(func=cmd_prune)
@@ -144,7 +146,8 @@ def cmd_prune(args) -> int:
 
     keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
             "min_channels", "round_to", "calib_size", "epochs", "min_steps", "batch_size", "lr",
-            "ref_size", "ce_weight", "augment", "seed", "search", "criterion", "scope", "recipe", "device", "precision", "out_dir")
+            "ref_size", "ce_weight", "augment", "seed", "search", "criterion", "scope", "recipe", "device",
+            "precision", "out_dir")
     cfg = load_preset(args.preset, "prune", **{k: getattr(args, k) for k in keys})
     dev = resolve_device(cfg.device)
     base, meta = checkpoint.load(args.base, dev)
@@ -153,7 +156,8 @@ def cmd_prune(args) -> int:
         raise PapmError(f"base model classes {meta.get('class_names')} differ from the data's {ds.classes}")
     data = device_data(ds, meta, cfg, dev)
     console = _console()
-    console.print(f"[bold]papm prune[/] {precision_line(dev, cfg.precision)}; classes {cfg.classes} r={cfg.params_reduction} alpha={cfg.alpha} "
+    console.print(f"[bold]papm prune[/] {precision_line(dev, cfg.precision)}; classes {cfg.classes} "
+                  f"r={cfg.params_reduction} alpha={cfg.alpha} "
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
                   f"held out {len(data.val)}, calib {len(data.calib)}, public ref {len(data.ref)}")
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(  # selection: the device's own held-out images
@@ -162,8 +166,8 @@ def cmd_prune(args) -> int:
             else "(not validated: first half)")),
         teacher_cache=cache_dir() / "teacher")
     res.report.update(test_figures(res.model, ds.test, cfg.classes))
-    from .util import file_sha256
     from .specialize import base_split
+    from .util import file_sha256
     path = save_result(res, cfg, ds.classes, cfg.out_dir, {
         "path": str(args.base), "sha256": file_sha256(args.base),
         "split": base_split(meta, cfg.ref_size, cfg.node_val)})

@@ -12,7 +12,9 @@ Decoded arrays are cached as uint8 ``.npy`` under ``$PAPM_CACHE`` (default
 ``~/.cache/papm``), keyed by the sha256 of the source's content, so a second load
 only memory-maps those files.
 
-Example: ``python -c "from papm_core.data import load_dataset; print(load_dataset('../shared/data/cifar10-jpeg75.tar.xz'))"``
+Example::
+
+    python -c "from papm_core.data import load_dataset; print(load_dataset('../shared/data/cifar10-jpeg75.tar.xz'))"
 """
 
 from __future__ import annotations

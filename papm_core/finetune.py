@@ -185,7 +185,8 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
              on_epoch: Callable[[dict], None] | None = None,
              teacher_cache: Path | None = None) -> FinetuneResult:
     """Fine-tune ``model`` (global labels) and return the weights with the lowest objective on
-    ``val``, the device's own held-out images. ``teacher_cache``: folder of per-class teacher tables (``augment = "flip"`` only)."""
+    ``val``, the device's own held-out images. ``teacher_cache``: folder of per-class teacher
+    tables (``augment = "flip"`` only)."""
     dev = shard.y.device
     own = list(cfg.classes)
     base = base.eval()

@@ -4,7 +4,10 @@ As in airbench, a whole batch is cropped (4-pixel zero padding, random 32x32 win
 and flipped with one gather on the device, then normalised to float. There is no
 per-sample host work and no DataLoader worker.
 
-Example: ``python -c "from papm_core.loader import augment; import torch; print(augment(torch.zeros(2,3,32,32,dtype=torch.uint8), torch.Generator()).shape)"``
+Example::
+
+    python -c "import torch; from papm_core.loader import augment
+    print(augment(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), torch.Generator()).shape)"
 """
 
 from __future__ import annotations

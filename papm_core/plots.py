@@ -2,7 +2,10 @@
 
 Each function writes its PNG atomically and returns the path.
 
-Example: ``python -c "import numpy as np; from papm_core.plots import heatmap; heatmap(np.eye(3), list('abc'), 'x.png', 'demo')"``
+Example::
+
+    python -c "import numpy as np; from papm_core.plots import heatmap
+    heatmap(np.eye(3), list('abc'), 'x.png', 'demo')"
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def heatmap(matrix: np.ndarray, labels: list[str], path: str | Path, title: str)
 
 def dendrogram(sim: np.ndarray, labels: list[str], path: str | Path, title: str) -> Path:
     """Average-linkage dendrogram of distance 1 - similarity (the clustering's linkage)."""
-    from scipy.cluster.hierarchy import dendrogram as dgram, linkage
+    from scipy.cluster.hierarchy import dendrogram as dgram
+    from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
     plt = _figure()

@@ -323,15 +323,21 @@ class View:
             print(text, flush=True)
         self.last = text
 
-    def finished(self, n: int, res: dict) -> None:
-        self.done_units += n + 3
-        line = (f"N={n}: fused {res['fusion']['test_acc']:.2f}% (base {res['base']['test_acc']:.2f}%), "
-                f"{res['seconds']:.0f} s, missing: {len(res['missing'])}")
+    def note(self, line: str) -> None:
+        """A line above the live one (a plain print without it)."""
         if self.enabled:
-            self.prog.update(self.task, completed=self.done_units)
-            self.prog.console.print(line)
+            self.prog.console.print(line, markup=False, highlight=False, soft_wrap=True)
         else:
             print(line, flush=True)
+
+    def finished(self, n: int, res: dict) -> None:
+        """One line per device count, on validation only: test figures wait for REPORT.md, so
+        that nobody compares settings by watching them go past."""
+        self.done_units += n + 3
+        if self.enabled:
+            self.prog.update(self.task, completed=self.done_units)
+        self.note(f"N={n}: fused head {res['fusion']['val_acc']:.2f}% on its selection half of validation, "
+                  f"{res['seconds']:.0f} s, missing: {len(res['missing'])}")
 
 
 def _latest_node(store: Path) -> str:

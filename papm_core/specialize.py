@@ -25,8 +25,7 @@ from .data import Dataset, Split, carve, subsample, train_val_split
 from .evaluate import accuracy
 from .finetune import finetune
 from .models import count_params, spec_params
-from .prune import (apoz, channel_rank_keep, keep_by_threshold, papm_scores, search_keep, slim,
-                    units, weight_norms)
+from .prune import apoz, channel_rank_keep, keep_by_threshold, papm_scores, search_keep, slim, units, weight_norms
 from .util import PapmError, resolve_device, resolve_precision, write_json
 
 

@@ -145,7 +145,8 @@ def train(cfg: TrainConfig, show_progress: bool = True, log=print) -> TrainResul
                "test_per_class": test.per_class, "params": count_params(model),
                "train_seconds": secs, "data_key": ds.key, "history": history}
     checkpoint.save(out, model, kind="base", metrics=metrics, **meta)
-    write_json(out.with_suffix(".json"), {"metrics": metrics, **meta})
+    side = {k: v for k, v in meta.items() if k != "extra"}  # as the checkpoint reads: extra keys on top
+    write_json(out.with_suffix(".json"), {"metrics": metrics, **side, **meta["extra"]})
     return TrainResult(model, out, best_val, best_epoch, test.overall, history, secs)
 
 

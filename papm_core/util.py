@@ -75,6 +75,7 @@ def git_commit() -> str:
 def provenance() -> dict[str, Any]:
     """Versions, commit and hardware, recorded beside every result."""
     import numpy
+
     from . import __version__
 
     info = {
@@ -149,6 +150,7 @@ def autocast(device: torch.device, precision: str = "auto"):
 
 def seed_everything(seed: int) -> None:
     import random
+
     import numpy as np
 
     random.seed(seed)

@@ -23,8 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from papm_core import checkpoint
 from papm_core.config import from_dict, load_all, to_dict
-from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.data import load_dataset
+from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.neighbours import other_runs
@@ -165,6 +165,7 @@ def main(grid: Grid, context: Context) -> None:
     result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0,
                   reference_images=len(ref), validation_images=len(val), test_images=len(strat.test), split=split,
                   config={**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": ds.key}},
-                  provenance={**provenance(), "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
+                  provenance={**provenance(),
+                              "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
     write_json(run_dir / "result.json", result)
     say(stage="done")

@@ -40,8 +40,7 @@ from clients import wire
 from papm_core import checkpoint
 from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
 from papm_core.data import Dataset, Split, subsample
-from papm_core.federation import (device_figures, fleet_figures, fuse, fused_figures, match_groups, save_head,
-                                  stack)
+from papm_core.federation import device_figures, fleet_figures, fuse, fused_figures, match_groups, save_head, stack
 from papm_core.fusion import head_accuracy, head_kind, head_latency_ms
 from papm_core.grouping import ClassStats, group_classes, merge_stats, similarity
 from papm_core.node import prune_key

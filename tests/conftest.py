@@ -80,9 +80,23 @@ def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
 
 # --- Flower runs: sim.py in a fresh process, and what it leaves behind ------------------------
 def run_sim(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """``sim.py --no-progress ARGS`` in a fresh process. Past ``timeout`` (s) it gets SIGTERM,
+    as a user's Ctrl-C, so that it stops the Flower processes it started, and the test fails."""
     full = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "sim.py"), "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=full, cwd=ROOT)
+    cmd = [sys.executable, str(ROOT / "sim.py"), "--no-progress", *map(str, args)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
+                          cwd=ROOT) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                out, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+            pytest.fail(f"sim.py ran past {timeout} s: {(out + err)[-1500:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _start_ticks(pid) -> int:
@@ -140,4 +154,5 @@ def smoke_run(tmp_path_factory, shared_archive):
     t0 = time.monotonic()
     r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", out)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (out.parent / "sim.stdout").write_text(r.stdout)
     return out, time.monotonic() - t0

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
+import torch
 from conftest import run_cli, write_tree
+
+from papm_core.util import use_bf16
 
 
 def _one_line_error(res):
@@ -70,8 +72,11 @@ def test_train_then_eval(tmp_path, tree):
                   "--out", out, "--no-progress")
     assert res.returncode == 0, res.stderr
     assert "epoch   2" in res.stdout and out.is_file()
+    ran = "bf16" if use_bf16(torch.device("cpu")) else "fp32"
+    assert res.stdout.startswith(f"papm train precision {ran} (auto: ")  # the first line says which ran
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["config"]["epochs"] == 2 and side["metrics"]["complete"] is True
+    assert side["precision"]["resolved"] == ran
     ev = run_cli("eval", out, "--data", tree, "--json", tmp_path / "e.json", "--runs", 200)
     assert ev.returncode == 0, ev.stderr
     for word in ("cat", "dog", "emu", "params", "latency", "throughput"):

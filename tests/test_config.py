@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from papm_core.config import (PRESET_DIR, PruneConfig, SimConfig, from_dict, load_all,
-                              load_preset, to_dict)
+from papm_core.config import PRESET_DIR, PruneConfig, SimConfig, from_dict, load_all, load_preset, to_dict
 from papm_core.util import PapmError
 
 SHIPPED = sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
@@ -69,3 +68,16 @@ def test_requires_python_admits_only_what_flwr_supports():
     admitted = [v for v in versions if v in ours]
     assert admitted, "requires-python admits no Python at all"
     assert [v for v in admitted if v not in flwr] == []
+
+
+def test_the_code_passes_its_linter():
+    """`ruff check .` with the rules in pyproject.toml ([tool.ruff]) finds nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("ruff", reason="ruff comes with the test extra: pip install -e .[test]")
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]

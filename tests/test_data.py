@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tar, write_tree
+
 from papm_core.data import load_dataset, subsample, train_val_split
 from papm_core.loader import augment, batches, normalize
 from papm_core.util import PapmError

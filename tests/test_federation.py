@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, flower_processes, fused_from_files, run_sim, write_tree
+
 from papm_core.neighbours import run_marker
 
 pytest.importorskip("flwr")
@@ -189,6 +190,22 @@ def test_smoke_run_end_to_end(smoke_run):
     assert base["threads_matched"] and base["threads"] == os.cpu_count() and "torch thread" in report
     assert base["other_runs"] == [] and "not a quiet machine" not in report
     assert flower_processes(out) == []
+
+
+@pytest.mark.slow
+def test_the_user_sees_precision_how_to_follow_each_run_and_no_test_figure(smoke_run):
+    """sim.py's first line names the precision each stage resolved; for every device count it
+    names the Flower run and the command that follows it; its per-N lines show validation only."""
+    out, _ = smoke_run
+    lines = (out.parent / "sim.stdout").read_text().splitlines()
+    assert lines[0].startswith("sim.py: base training precision ") and "device fine-tuning precision fp32" in lines[0]
+    for n in (1, 2, 3):
+        log = (out / f"n{n}" / "flower.log").read_text()
+        rid = re.findall(r"Successfully started run (\d+)", log)[-1]
+        hint = [ln for ln in lines if ln.startswith(f"sim.py: N={n}: Flower run {rid}; follow it with ")]
+        assert len(hint) == 1 and f"`FLWR_HOME={out / '.flwr'} flwr log {rid} --stream`" in hint[0], lines
+        done = [ln for ln in lines if ln.startswith(f"N={n}: fused head ")]
+        assert len(done) == 1 and "on its selection half of validation" in done[0] and "test" not in done[0]
 
 
 @pytest.mark.slow

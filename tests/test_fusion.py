@@ -5,12 +5,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_tree
+
 from papm_core import checkpoint, loader
 from papm_core.data import load_dataset, subsample
-from papm_core.fusion import (build_head, cached_embed, embed, embedding_dim, fused_logits,
-                              gate, head_accuracy, head_kind, paired_gain_z, random_mask, train_head)
+from papm_core.fusion import (
+    build_head,
+    cached_embed,
+    embed,
+    embedding_dim,
+    fused_logits,
+    gate,
+    head_accuracy,
+    head_kind,
+    paired_gain_z,
+    random_mask,
+    train_head,
+)
 from papm_core.loader import normalize
 from papm_core.models import build_model, resnet18_spec
 from papm_core.system import load_system, run_fuse, split_eval

@@ -8,12 +8,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_tree
+
 from papm_core import checkpoint
 from papm_core.data import subsample
-from papm_core.grouping import (ClassStats, class_stats, cluster, group_classes, merge_stats,
-                                parse_devices, read_groups, similarity)
+from papm_core.grouping import (
+    ClassStats,
+    class_stats,
+    cluster,
+    group_classes,
+    merge_stats,
+    parse_devices,
+    read_groups,
+    similarity,
+)
 from papm_core.models import build_model, resnet18_spec
 from papm_core.util import PapmError
 

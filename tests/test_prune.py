@@ -9,14 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, write_tree
+
 from papm_core import checkpoint
 from papm_core.config import PruneConfig
 from papm_core.data import Split
 from papm_core.models import build_model, count_params, resnet18_spec, spec_params
-from papm_core.prune import (_ranked, apoz, masked, papm_scores, search_keep, slim, spec_for,
-                             units, weight_norms)
+from papm_core.prune import _ranked, apoz, masked, papm_scores, search_keep, slim, spec_for, units, weight_norms
 from papm_core.specialize import choose_keep
 from papm_core.util import PapmError
 

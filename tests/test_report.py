@@ -42,3 +42,20 @@ def test_a_result_made_with_other_settings_is_not_finished(tmp_path):
     assert not sim.finished(tmp_path / "n3" / "result.json", now)
     assert sim.finished(tmp_path / "n4" / "result.json", now)
     assert not sim.finished(tmp_path / "n5" / "result.json", now)  # never run
+
+
+def test_the_follow_hint_names_this_tries_run_only(tmp_path):
+    """A rerun appends to the N's Flower log: the hint names the run started after ``start``,
+    never an earlier try's, and waits while Flower has not named it yet."""
+    import sim
+
+    log = tmp_path / "flower.log"
+    log.write_text("INFO : Successfully started run 111\n...killed\n")
+    start = log.stat().st_size
+    assert sim.follow_hint(3, ("FLWR_HOME=/r/.flwr flwr", ""), log, start) == ""
+    with open(log, "a") as f:
+        f.write("INFO : Starting run\nINFO : Successfully started run 222\n")
+    hint = sim.follow_hint(3, ("FLWR_HOME=/r/.flwr flwr", ""), log, start)
+    assert hint.startswith("sim.py: N=3: Flower run 222; ") and "`FLWR_HOME=/r/.flwr flwr log 222 --stream`" in hint
+    far = sim.follow_hint(3, ("flwr", "boxes"), log, start)  # a federation someone else runs
+    assert "`flwr log 222 boxes --stream`" in far and "`flwr stop 222 boxes`" in far
