@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from papm_core.config import load_all, resolve_preset_name, same_settings, settings_diff, to_dict  # noqa: E402
+from papm_core.config import claim_folder, load_all, resolve_preset_name, same_settings, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
 from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
 from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
@@ -107,19 +107,6 @@ def resolve(args) -> tuple[dict, list[int], Path]:
     name = Path(args.preset).stem if args.preset.endswith(".toml") else resolve_preset_name(args.preset)
     out = Path(args.out or ROOT / "runs" / name).resolve()
     return cfg, devices, out
-
-
-def claim_folder(out: Path, cfg: dict, args) -> None:
-    """Write the resolved config; refuse a folder that holds a run with other settings or
-    other data (every key but the device counts), naming what differs."""
-    path = out / "config.json"
-    if path.is_file() and not args.force:
-        old = json.loads(path.read_text())
-        diff = settings_diff(old, cfg)
-        if diff:
-            raise PapmError(f"{out} holds a run with other {', '.join(diff[:4])}; use another --out, "
-                            "or --force to redo it with these")
-    write_json(path, cfg)
 
 
 def run_config(n: int, out: Path, cfg: dict, args, base: str = "") -> dict:
@@ -306,7 +293,7 @@ def main(argv=None) -> int:
         if args.insecure_plaintext and not args.deployment:
             raise PapmError("--insecure-plaintext only applies to --deployment")
         cfg, devices, out = resolve(args)
-        claim_folder(out, cfg, args)
+        claim_folder(out, cfg, args.force)
         from papm_core.util import precision_line, resolve_device
         dev = resolve_device("auto")
         print(f"sim.py: base training {precision_line(dev, cfg['train']['precision'])}, device fine-tuning "

@@ -10,6 +10,7 @@ Example: ``python -c "from papm_core.config import load_preset; print(load_prese
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .util import PRECISIONS, PapmError
+from .util import PRECISIONS, PapmError, write_json
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -278,3 +279,15 @@ def settings_diff(a: dict, b: dict) -> list[str]:
 def same_settings(a: dict, b: dict) -> bool:
     """Two resolved configs describe the same results: every setting and the data."""
     return not settings_diff(a, b)
+
+
+def claim_folder(out: Path, cfg: dict, force: bool = False, fix: str = "use another --out, or --force to redo "
+                 "it with these") -> None:
+    """Write the resolved config ``cfg`` to ``out/config.json``; refuse (one line ending in
+    ``fix``) a folder that holds a run with other settings or other data, naming what differs."""
+    path = Path(out) / "config.json"
+    if path.is_file() and not force:
+        diff = settings_diff(json.loads(path.read_text()), cfg)
+        if diff:
+            raise PapmError(f"{out} holds a run with other {', '.join(diff[:4])}; {fix}")
+    write_json(path, cfg)

@@ -6,9 +6,13 @@ Run config (``[tool.flwr.app.config]`` in pyproject.toml; sim.py sets every key)
 ``preset``), ``base`` a checkpoint from ``papm train`` (empty: train one into
 ``<out>/base.pt``), ``data`` the data source, ``store`` the simulated nodes' store.
 
-Progress goes to ``<out>/progress.json`` (what sim.py displays).
+Progress goes to ``<out>/progress.json`` (what sim.py displays). Run by ``flwr run .``
+itself (no ``config`` from sim.py), it also claims the folder (``config.json``; a folder
+holding a run with other settings is refused) and writes the folder's report (REPORT.md,
+CSVs, plots: the same ``write_report`` as sim.py) after each device count; an empty ``out``
+is ``~/papm-runs/<preset>``.
 
-Example: ``flwr run . papm-sim --run-config 'out="/abs/runs/x" devices=2'``
+Example: ``flwr run . --run-config 'devices=2 preset="smoke"' --federation-config "num-supernodes=2"``
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from papm_core import checkpoint
-from papm_core.config import from_dict, load_all, to_dict
+from papm_core.config import claim_folder, from_dict, load_all, resolve_preset_name, to_dict
 from papm_core.data import load_dataset
 from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.neighbours import other_runs
+from papm_core.report import write_report
 from papm_core.specialize import base_split
 from papm_core.train import train
 from papm_core.util import PapmError, file_sha256, provenance, write_json
@@ -44,6 +49,24 @@ def resolved_config(rc) -> dict:
         raw = {k: to_dict(v) for k, v in load_all(str(rc.get("preset", "auto"))).items()}
     raw["prune"] = {**raw["prune"], "classes": [0]}  # placeholder: the grouping assigns classes
     return {stage: from_dict(stage, raw[stage]) for stage in ("train", "prune", "fuse", "sim")}
+
+
+def run_folder(rc) -> Path:
+    """The run config's ``out``; empty (a plain ``flwr run .``): ``~/papm-runs/<preset>``."""
+    if str(rc.get("out", "")):
+        return Path(str(rc["out"]))
+    preset = str(rc.get("preset", "auto"))
+    return Path.home() / "papm-runs" / (Path(preset).stem if preset.endswith(".toml") else resolve_preset_name(preset))
+
+
+def flower_report(out: Path, n: int, result: dict) -> Path:
+    """For a plain ``flwr run .`` (sim.py writes its own at the end): this N's time into
+    ``timings.json``, then the folder's report, as sim.py writes it."""
+    path = out / "timings.json"
+    timings = json.loads(path.read_text()) if path.is_file() else {}
+    timings[str(n)] = {"wall_s": result["seconds"], "rounds": result["rounds"], "other_runs": []}
+    write_json(path, timings)
+    return write_report(out, [n], {"provenance": result["provenance"], "timings": timings})
 
 
 def ensure_base(rc, cfg: dict, out: Path, say, data_key: str) -> Path:
@@ -129,7 +152,8 @@ def cached_grouping(run_dir: Path, stats_path: Path | None, key: dict, n: int, s
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    out, n = Path(str(rc["out"])), int(rc["devices"])
+    out, n, by_flwr = run_folder(rc), int(rc["devices"]), not str(rc.get("config", ""))
+    out.mkdir(parents=True, exist_ok=True)
     progress = out / "progress.json"
 
     def say(**state):
@@ -138,6 +162,10 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.monotonic()
     cfg = resolved_config(rc)
     data_key = load_dataset(str(rc.get("data", "")) or None).key
+    settings = {**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": data_key}}
+    if by_flwr:  # before any training: a folder of another run is refused at once
+        claim_folder(out, settings, fix="set another out in --run-config")
+        print(f"papm: N={n}; results and REPORT.md go to {out}", flush=True)
     base_path = ensure_base(rc, cfg, out, say, data_key)
     base, meta = checkpoint.load(base_path)
     trained_on = meta.get("metrics", {}).get("data_key")
@@ -164,8 +192,10 @@ def main(grid: Grid, context: Context) -> None:
         write_json(out / "class_stats.json", {"key": stats_key, "stats": strat.stats.to_dict()})
     result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0,
                   reference_images=len(ref), validation_images=len(val), test_images=len(strat.test), split=split,
-                  config={**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": ds.key}},
+                  config=settings,
                   provenance={**provenance(),
                               "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
     write_json(run_dir / "result.json", result)
+    if by_flwr:
+        print(f"papm: report {flower_report(out, n, result)}", flush=True)
     say(stage="done")
