@@ -32,7 +32,6 @@ from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.neighbours import other_runs
-from papm_core.report import write_report
 from papm_core.specialize import base_split
 from papm_core.train import train
 from papm_core.util import PapmError, file_sha256, provenance, write_json
@@ -62,6 +61,8 @@ def run_folder(rc) -> Path:
 def flower_report(out: Path, n: int, result: dict) -> Path:
     """For a plain ``flwr run .`` (sim.py writes its own at the end): this N's time into
     ``timings.json``, then the folder's report, as sim.py writes it."""
+    from papm_core.report import write_report  # matplotlib: only where a report is written
+
     path = out / "timings.json"
     timings = json.loads(path.read_text()) if path.is_file() else {}
     timings[str(n)] = {"wall_s": result["seconds"], "rounds": result["rounds"], "other_runs": []}
