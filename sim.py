@@ -103,6 +103,10 @@ def resolve(args) -> tuple[dict, list[int], Path]:
     bad = [n for n in devices if not 1 <= n <= n_classes]
     if bad:
         raise PapmError(f"device counts {bad} are outside [1, {n_classes}] (the number of classes)")
+    if not args.base:  # a data set too small for the splits fails now, not after base training
+        from papm_core.config import TrainConfig
+        from papm_core.specialize import planned_split
+        planned_split(ds, TrainConfig(**cfg["train"]), cfg["prune"]["ref_size"], cfg["prune"]["node_val"])
     cfg["data"] = {"fingerprint": ds.key}  # a run folder never mixes results of two data sets
     name = Path(args.preset).stem if args.preset.endswith(".toml") else resolve_preset_name(args.preset)
     out = Path(args.out or ROOT / "runs" / name).resolve()
@@ -196,7 +200,7 @@ def deployed_base(out: Path, args, view) -> str:
     from server.app import ensure_base, resolved_config
     rc = {"base": "", "config": str(out / "config.json"), "data": args.data or ""}
     say = lambda **k: view.update(0, out, k)  # noqa: E731
-    return str(ensure_base(rc, resolved_config(rc), out, say, load_dataset(args.data).key))
+    return str(ensure_base(rc, resolved_config(rc), out, say, load_dataset(args.data)))
 
 
 def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, base: str,

@@ -275,14 +275,27 @@ def _to_dataset(xs, ys, classes, key, source) -> Dataset:
     return Dataset(split("train"), split("test"), list(classes), key, source)
 
 
-def train_val_split(train: Split, n_val: int = 5000, seed: int = 0) -> tuple[Split, Split]:
+# The validation split and the public reference set each take at most this share of the
+# training images (their sizes are caps): CIFAR-10's 5,000 + 5,000 of 50,000 are within it,
+# and a data set of a few thousand images still leaves 60 % or more for the devices.
+SPLIT_SHARE = 0.2
+
+
+def fit_split(asked: int, n: int) -> int:
+    """A split size capped at ``asked`` images and at SPLIT_SHARE of ``n`` (at least 1)."""
+    return min(int(asked), max(1, int(SPLIT_SHARE * n)))
+
+
+def train_val_split(train: Split, n_val: int = 5000, seed: int = 0,
+                    what: str = "validation size", fix: str = "lower --val-size") -> tuple[Split, Split]:
     """Stratified, seeded split of train into (train', val); the two are disjoint.
 
     Each class gives round(n_val * share) images (at least 1), so class balance holds.
+    ``what``/``fix`` name the split and the setting in errors.
     """
     n = len(train)
     if not 0 < n_val < n:
-        raise PapmError(f"validation size {n_val} must lie in (0, {n}); lower --val-size")
+        raise PapmError(f"{what} {n_val} must lie in (0, {n}); {fix}")
     rng = np.random.default_rng(seed)
     y = train.y.cpu().numpy()
     val_idx = []
@@ -291,7 +304,7 @@ def train_val_split(train: Split, n_val: int = 5000, seed: int = 0) -> tuple[Spl
         k = max(1, int(round(n_val * len(idx) / n)))
         if k >= len(idx):
             raise PapmError(f"class {train.classes[c]} has only {len(idx)} images, too few for "
-                            f"a validation split of {n_val}; lower --val-size")
+                            f"a {what} of {n_val}; {fix}")
         val_idx.append(rng.permutation(idx)[:k])
     val_idx = np.sort(np.concatenate(val_idx))
     keep = np.ones(n, dtype=bool)

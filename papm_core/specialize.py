@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import checkpoint
 from .config import PruneConfig, to_dict
-from .data import Dataset, Split, carve, subsample, train_val_split
+from .data import Dataset, Split, carve, fit_split, subsample, train_val_split
 from .evaluate import accuracy
 from .finetune import finetune
 from .models import count_params, spec_params
@@ -65,13 +65,28 @@ def base_split(base_meta: dict, ref_size: int = 5000, node_val: float = 0.1) -> 
             "node_val": float(node_val)}
 
 
+def planned_split(ds: Dataset, tcfg, ref_size: int, node_val: float) -> dict:
+    """The split settings a base trained per ``tcfg`` (a TrainConfig) on ``ds`` will carry,
+    checked on ``ds`` before any training: a data set too small for the validation split,
+    the public reference set and the devices fails here, in one line, not after the base."""
+    n = len(subsample(ds.train, tcfg.per_class, tcfg.seed)) if tcfg.per_class else len(ds.train)
+    split = {"val_size": fit_split(tcfg.val_size, n), "seed": int(tcfg.seed), "per_class": int(tcfg.per_class),
+             "ref_size": int(ref_size), "node_val": float(node_val)}
+    reference_splits(ds, split)
+    return split
+
+
 def reference_splits(ds: Dataset, split: dict) -> Carve:
     """Every split of ``ds`` from the split settings (``base_split``), disjoint by construction."""
     pool, val = carve(ds.train, split["val_size"], split["seed"], split["per_class"])
-    # the public reference set is the server's: fixed by the base split, not a device seed
-    private, ref = train_val_split(pool, int(split["ref_size"]), split["seed"] + 1)
+    # the public reference set is the server's: fixed by the base split, not a device seed;
+    # its size is a cap, as the validation split's (data.SPLIT_SHARE of the training images)
+    n_ref = fit_split(int(split["ref_size"]), len(pool) + len(val))
+    private, ref = train_val_split(pool, n_ref, split["seed"] + 1, "public reference size",
+                                   "lower prune.ref_size (--ref-size)")
     share = float(split.get("node_val", 0.1))
-    train, node_val = train_val_split(private, max(1, round(share * len(private))), split["seed"] + 2)
+    train, node_val = train_val_split(private, max(1, round(share * len(private))), split["seed"] + 2,
+                                      "devices' held-out size", "the data has too few images per class for the devices")
     return Carve(train, Split("node_val", node_val.x, node_val.y, node_val.classes),
                  Split("ref", ref.x, ref.y, ref.classes), val)
 

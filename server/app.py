@@ -32,7 +32,7 @@ from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
 from papm_core.neighbours import other_runs
-from papm_core.specialize import base_split
+from papm_core.specialize import base_split, planned_split
 from papm_core.train import train
 from papm_core.util import PapmError, file_sha256, provenance, write_json
 from strategies.papm import PapmStrategy, test_split
@@ -60,28 +60,31 @@ def run_folder(rc) -> Path:
 
 def flower_report(out: Path, n: int, result: dict) -> Path:
     """For a plain ``flwr run .`` (sim.py writes its own at the end): this N's time into
-    ``timings.json``, then the folder's report, as sim.py writes it."""
+    ``timings.json``, then the folder's report, as sim.py writes it, over every device count
+    the folder holds (earlier ``flwr run`` calls with other ``devices`` included)."""
     from papm_core.report import write_report  # matplotlib: only where a report is written
 
     path = out / "timings.json"
     timings = json.loads(path.read_text()) if path.is_file() else {}
     timings[str(n)] = {"wall_s": result["seconds"], "rounds": result["rounds"], "other_runs": []}
     write_json(path, timings)
-    return write_report(out, [n], {"provenance": result["provenance"], "timings": timings})
+    ns = sorted({n, *(int(p.parent.name[1:]) for p in out.glob("n*/result.json") if p.parent.name[1:].isdigit())})
+    return write_report(out, ns, {"provenance": result["provenance"], "timings": timings})
 
 
-def ensure_base(rc, cfg: dict, out: Path, say, data_key: str) -> Path:
-    """The run config's base model, or one trained per the preset (kept across reruns
-    only when its training completed on this data: a half-trained base, or one trained on
-    other data, is trained again)."""
+def ensure_base(rc, cfg: dict, out: Path, say, ds) -> Path:
+    """The run config's base model, or one trained per the preset on ``ds`` (the Dataset;
+    kept across reruns only when its training completed on this data: a half-trained base,
+    or one trained on other data, is trained again). The splits are checked before training."""
     if str(rc.get("base", "")):
         return Path(str(rc["base"]))
     path = out / "base.pt"
     if path.is_file():
         _, meta = checkpoint.read(path)
-        if meta["metrics"].get("complete") and meta["metrics"].get("data_key") == data_key:
+        if meta["metrics"].get("complete") and meta["metrics"].get("data_key") == ds.key:
             return path
     tcfg = cfg["train"]
+    planned_split(ds, tcfg, cfg["prune"].ref_size, cfg["prune"].node_val)  # fails now, not after training
     tcfg.out, tcfg.data = str(path), str(rc.get("data", "")) or None
     say(stage="train base", detail=f"width {tcfg.width}, {tcfg.epochs} epochs")
     train(tcfg, show_progress=False, log=lambda line: say(stage="train base", detail=line.strip()))
@@ -162,12 +165,13 @@ def main(grid: Grid, context: Context) -> None:
 
     t0 = time.monotonic()
     cfg = resolved_config(rc)
-    data_key = load_dataset(str(rc.get("data", "")) or None).key
+    ds_all = load_dataset(str(rc.get("data", "")) or None)
+    data_key = ds_all.key
     settings = {**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": data_key}}
     if by_flwr:  # before any training: a folder of another run is refused at once
         claim_folder(out, settings, fix="set another out in --run-config")
         print(f"papm: N={n}; results and REPORT.md go to {out}", flush=True)
-    base_path = ensure_base(rc, cfg, out, say, data_key)
+    base_path = ensure_base(rc, cfg, out, say, ds_all)
     base, meta = checkpoint.load(base_path)
     trained_on = meta.get("metrics", {}).get("data_key")
     if trained_on and trained_on != data_key:  # its validation split would not be held out here

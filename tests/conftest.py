@@ -107,11 +107,12 @@ _SESSION_START = _start_ticks("self")
 _FLOWER_NAMES = (b"ray::", b"raylet", b"gcs_server", b"flower-super", b"flwr-simulation", b"flwr run")
 
 
-def flower_processes(out: Path) -> list[str]:
-    """Live processes sim.py started for ``out`` (its FLWR_HOME in their environment), and any
-    Flower or Ray process started after this test session began: Ray's helpers rename
-    themselves (setproctitle), which blanks their environment, so they are found by name."""
-    needle = f"FLWR_HOME={out / '.flwr'}".encode()
+def flower_processes(out: Path, home: Path | None = None) -> list[str]:
+    """Live processes sim.py started for ``out`` (its FLWR_HOME, or ``home``, in their
+    environment), and any Flower or Ray process started after this test session began: Ray's
+    helpers rename themselves (setproctitle), which blanks their environment, so they are
+    found by name. Each entry starts with the pid."""
+    needle = f"FLWR_HOME={home or out / '.flwr'}".encode()
     found = []
     for d in Path("/proc").glob("[0-9]*"):
         try:

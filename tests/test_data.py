@@ -180,3 +180,45 @@ def test_offline_download_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.delenv("PAPM_DATA", raising=False)
     with pytest.raises(PapmError, match="could not download CIFAR-10 .*PAPM_DATA"):
         load_dataset(None)
+
+
+def test_splits_sized_to_the_data_and_checked_before_training(tmp_path):
+    """The quick preset's 5,000-image validation and reference sizes are caps: on a data set
+    of 150 training images each takes at most SPLIT_SHARE of them, the devices keep the rest,
+    and sim.py accepts it; a data set too small for the devices fails in sim.py at once, in one
+    line naming the split, before any training."""
+    import sys
+
+    from conftest import ROOT
+
+    from papm_core.config import TrainConfig
+    from papm_core.data import SPLIT_SHARE
+    from papm_core.specialize import planned_split, reference_splits
+
+    ds = load_dataset(str(write_tree(tmp_path / "small", per_split=(50, 2))))  # 3 classes x 50
+    split = planned_split(ds, TrainConfig(val_size=5000), ref_size=5000, node_val=0.1)
+    c = reference_splits(ds, split)
+    assert split["val_size"] == len(c.val) == int(SPLIT_SHARE * 150) == 30
+    assert len(c.ref) == 30 and len(c.private) + len(c.node_val) == 90  # the devices keep 60 %
+    assert sorted(torch.bincount(c.private.y).tolist()) == [27, 27, 27]
+    sys.path.insert(0, str(ROOT))
+    import sim
+
+    cfg, devices, _ = sim.resolve(sim.parse_args(["--preset", "quick", "--data", str(tmp_path / "small"),
+                                                  "--devices", "2", "--out", str(tmp_path / "run")]))
+    assert devices == [1, 2] and cfg["train"]["val_size"] == 5000  # the preset as asked, the cap applied
+    tiny = write_tree(tmp_path / "tiny", per_split=(3, 1))  # 3 per class: nothing left for the devices
+    with pytest.raises(PapmError, match=r"^devices' held-out size .* must lie in|^class .* too few for a devices"):
+        sim.resolve(sim.parse_args(["--preset", "quick", "--data", str(tiny), "--devices", "2",
+                                     "--out", str(tmp_path / "r2")]))
+
+
+def test_the_base_records_the_validation_size_it_used(tmp_path):
+    """papm train caps the validation split to the data and records the size used, so every
+    later stage carves exactly its validation images (none leak into a training set)."""
+    from papm_core.config import TrainConfig
+    from papm_core.train import prepare_data
+
+    cfg = TrainConfig(data=str(write_tree(tmp_path / "t", per_split=(20, 2))), val_size=5000)
+    _, train, val, _ = prepare_data(cfg, torch.device("cpu"))
+    assert cfg.val_size == len(val) == 12 and len(train) == 48

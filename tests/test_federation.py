@@ -209,6 +209,32 @@ def test_the_user_sees_precision_how_to_follow_each_run_and_no_test_figure(smoke
 
 
 @pytest.mark.slow
+def test_flwr_run_writes_the_report(smoke_run, tmp_path, shared_archive):
+    """Flower's own CLI, as its docs say (`flwr run .` with --run-config and --federation-config),
+    claims the run folder, trains and writes the same REPORT.md, CSVs and plots as sim.py."""
+    out, home = tmp_path / "run", tmp_path / "flwr-home"
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    rc = f'devices=2 preset="smoke" out="{out}" data="{shared_archive}" base="{smoke_run[0] / "base.pt"}"'
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "--run-config", rc,
+           "--federation-config", "num-supernodes=2", "--stream"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    finally:  # flwr run leaves a local SuperLink running: stop what this FLWR_HOME started
+        for line in flower_processes(out, home):
+            os.kill(int(line.split()[0]), signal.SIGTERM)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert f"results and REPORT.md go to {out}" in r.stdout + r.stderr
+    for name in ("REPORT.md", "fusion.csv", "devices.csv", "accuracy_vs_n.png", "config.json", "timings.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    res = json.loads((out / "n2" / "result.json").read_text())
+    assert len(res["groups"]) == 2 and res["missing"] == [] and res["incomplete"] == []
+    assert "| 2 | complete |" in (out / "REPORT.md").read_text()
+    rows = (out / "fusion.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith("2,complete,")
+
+
+@pytest.mark.slow
 def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archive):
     from papm_core.grouping import run_grouping
 
