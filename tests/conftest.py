@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared CIFAR-10 archive, small generated image trees, a private cache."""
+"""Shared fixtures: the tests' CIFAR-10 (shared archive or download), small generated image trees, a private cache."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = Path(os.environ.get("PAPM_TEST_ARCHIVE",
                                      ROOT.parent / "shared" / "data" / "cifar10-jpeg75.tar.xz"))
+# without that archive: CIFAR-10 from torchvision, downloaded once into the user's papm cache
+# (read before the private cache below replaces PAPM_CACHE for the session)
+DOWNLOAD_DIR = Path(os.environ.get("PAPM_CACHE", Path.home() / ".cache" / "papm")) / "torchvision"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,9 +33,20 @@ def private_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shared_archive() -> Path:
-    assert SHARED_ARCHIVE.is_file(), (f"the shared CIFAR-10 archive is missing at {SHARED_ARCHIVE}; "
-                                      "set PAPM_TEST_ARCHIVE")
-    return SHARED_ARCHIVE
+    """The tests' CIFAR-10: ``$PAPM_TEST_ARCHIVE`` (any source ``--data`` accepts), else the
+    shared archive beside the clone, else torchvision's download (a cifar-10-batches-py folder)."""
+    if SHARED_ARCHIVE.exists():
+        return SHARED_ARCHIVE
+    if "PAPM_TEST_ARCHIVE" in os.environ:
+        pytest.fail(f"PAPM_TEST_ARCHIVE={SHARED_ARCHIVE} does not exist")
+    from torchvision.datasets import CIFAR10
+    try:
+        for train in (True, False):
+            CIFAR10(str(DOWNLOAD_DIR), train=train, download=True)
+    except Exception as e:  # network errors come in many types
+        pytest.fail(f"no test data: no archive at {SHARED_ARCHIVE} and CIFAR-10 could not be downloaded "
+                    f"({type(e).__name__}); set PAPM_TEST_ARCHIVE to a local copy")
+    return DOWNLOAD_DIR / "cifar-10-batches-py"
 
 
 @pytest.fixture(scope="session")
