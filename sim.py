@@ -196,11 +196,12 @@ def deployed_base(out: Path, args, view) -> str:
     """The base model for a deployment: --base, else one trained here (boxes need its grouping)."""
     if args.base:
         return str(Path(args.base).resolve())
+    from clients.runconfig import RunConfig
     from papm_core.data import load_dataset
     from server.app import ensure_base, resolved_config
-    rc = {"base": "", "config": str(out / "config.json"), "data": args.data or ""}
+    run = RunConfig(config=str(out / "config.json"), data=args.data or "")
     say = lambda **k: view.update(0, out, k)  # noqa: E731
-    return str(ensure_base(rc, resolved_config(rc), out, say, load_dataset(args.data)))
+    return str(ensure_base(run, resolved_config(run), out, say, load_dataset(args.data)))
 
 
 def run_deployed(n: int, devices: list[int], out: Path, cfg: dict, args, view, base: str,

@@ -36,6 +36,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import wire
+from clients.runconfig import RunConfig
 from papm_core.config import from_dict
 from papm_core.data import Split
 from papm_core.finetune import finetune_epochs
@@ -58,22 +59,20 @@ class Node:
     """This node's identity, data source and store, from node config then run config."""
 
     def __init__(self, ctx: Context):
-        nc, rc = ctx.node_config, ctx.run_config
+        nc, rc = ctx.node_config, RunConfig.read(ctx.run_config)
         self.simulated = "partition-id" in nc and "data" not in nc
         self.partition = int(nc.get("partition-id", -1))
         self.partitions = int(nc.get("num-partitions", 0))
         self.name = str(nc.get("name", f"node-{self.partition}" if self.simulated else "box"))
-        self.source = str(nc.get("data", rc.get("data", ""))) or None
+        self.source = str(nc.get("data", rc.data)) or None
         self.box = not self.simulated and bool(self.source) and self.source.endswith(".npz")  # papm shard
-        self.store = Path(str(nc.get("store", rc.get("store", "")) or Path.home() / ".cache/papm/node"))
-        self.deal_seed = int(rc.get("deal-seed", 0))
-        self.fail_partition = int(rc.get("test-fail-partition", -1))
-        self.fail_round = str(rc.get("test-fail-round", ""))
-        self.delay = float(rc.get("test-delay-s", 0.0))
+        self.store = Path(str(nc.get("store", rc.store)) or Path.home() / ".cache/papm/node")
+        self.deal_seed = rc.deal_seed
+        self.fail_partition, self.fail_round, self.delay = rc.test_fail_partition, rc.test_fail_round, rc.test_delay_s
         # test-only, edge boxes: "ROUND:SIGNAL" (e.g. "prune:KILL") signals this node's whole
         # session (SuperNode, SuperExec, this process) when that round starts
         self.test_signal = str(nc.get("test-signal", ""))
-        threads = int(rc.get("client-threads", 0))
+        threads = rc.client_threads
         if threads > 0:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
 

@@ -1,10 +1,8 @@
 """The PAPM ServerApp: loads (or trains) the base model, runs the PAPM strategy for one
 device count N, and writes ``<out>/n<N>/result.json`` atomically. Thin over papm_core.
 
-Run config (``[tool.flwr.app.config]`` in pyproject.toml; sim.py sets every key):
-``out`` the run folder, ``devices`` N, ``config`` the resolved config JSON (empty: the
-``preset``), ``base`` a checkpoint from ``papm train`` (empty: train one into
-``<out>/base.pt``), ``data`` the data source, ``store`` the simulated nodes' store.
+Run config: ``clients.runconfig.RunConfig`` (the keys of ``[tool.flwr.app.config]`` in
+pyproject.toml, typed; sim.py sets every key), read once in ``main``.
 
 Progress goes to ``<out>/progress.json`` (what sim.py displays). Run by ``flwr run .``
 itself (no ``config`` from sim.py), it also claims the folder (``config.json``; a folder
@@ -25,6 +23,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from clients.runconfig import RunConfig
 from papm_core import checkpoint
 from papm_core.config import claim_folder, from_dict, load_all, resolve_preset_name, to_dict
 from papm_core.data import load_dataset
@@ -40,21 +39,21 @@ from strategies.papm import PapmStrategy, test_split
 app = ServerApp()
 
 
-def resolved_config(rc) -> dict:
+def resolved_config(run: RunConfig) -> dict:
     """Every stage's settings: the file sim.py wrote, else the named preset's defaults."""
-    if str(rc.get("config", "")):
-        raw = json.loads(Path(str(rc["config"])).read_text())
+    if run.config:
+        raw = json.loads(Path(run.config).read_text())
     else:
-        raw = {k: to_dict(v) for k, v in load_all(str(rc.get("preset", "auto"))).items()}
+        raw = {k: to_dict(v) for k, v in load_all(run.preset).items()}
     raw["prune"] = {**raw["prune"], "classes": [0]}  # placeholder: the grouping assigns classes
     return {stage: from_dict(stage, raw[stage]) for stage in ("train", "prune", "fuse", "sim")}
 
 
-def run_folder(rc) -> Path:
+def run_folder(run: RunConfig) -> Path:
     """The run config's ``out``; empty (a plain ``flwr run .``): ``~/papm-runs/<preset>``."""
-    if str(rc.get("out", "")):
-        return Path(str(rc["out"]))
-    preset = str(rc.get("preset", "auto"))
+    if run.out:
+        return Path(run.out)
+    preset = run.preset
     return Path.home() / "papm-runs" / (Path(preset).stem if preset.endswith(".toml") else resolve_preset_name(preset))
 
 
@@ -72,12 +71,12 @@ def flower_report(out: Path, n: int, result: dict) -> Path:
     return write_report(out, ns, {"provenance": result["provenance"], "timings": timings})
 
 
-def ensure_base(rc, cfg: dict, out: Path, say, ds) -> Path:
+def ensure_base(run: RunConfig, cfg: dict, out: Path, say, ds) -> Path:
     """The run config's base model, or one trained per the preset on ``ds`` (the Dataset;
     kept across reruns only when its training completed on this data: a half-trained base,
     or one trained on other data, is trained again). The splits are checked before training."""
-    if str(rc.get("base", "")):
-        return Path(str(rc["base"]))
+    if run.base:
+        return Path(run.base)
     path = out / "base.pt"
     if path.is_file():
         _, meta = checkpoint.read(path)
@@ -85,7 +84,7 @@ def ensure_base(rc, cfg: dict, out: Path, say, ds) -> Path:
             return path
     tcfg = cfg["train"]
     planned_split(ds, tcfg, cfg["prune"].ref_size, cfg["prune"].node_val)  # fails now, not after training
-    tcfg.out, tcfg.data = str(path), str(rc.get("data", "")) or None
+    tcfg.out, tcfg.data = str(path), run.data or None
     say(stage="train base", detail=f"width {tcfg.width}, {tcfg.epochs} epochs")
     train(tcfg, show_progress=False, log=lambda line: say(stage="train base", detail=line.strip()))
     return path
@@ -155,8 +154,8 @@ def cached_grouping(run_dir: Path, stats_path: Path | None, key: dict, n: int, s
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    rc = context.run_config
-    out, n, by_flwr = run_folder(rc), int(rc["devices"]), not str(rc.get("config", ""))
+    run = RunConfig.read(context.run_config)
+    out, n = run_folder(run), run.devices
     out.mkdir(parents=True, exist_ok=True)
     progress = out / "progress.json"
 
@@ -164,43 +163,42 @@ def main(grid: Grid, context: Context) -> None:
         write_json(progress, {"devices": n, "time": time.time(), **state})
 
     t0 = time.monotonic()
-    cfg = resolved_config(rc)
-    ds_all = load_dataset(str(rc.get("data", "")) or None)
+    cfg = resolved_config(run)
+    ds_all = load_dataset(run.data or None)
     data_key = ds_all.key
     settings = {**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": data_key}}
-    if by_flwr:  # before any training: a folder of another run is refused at once
+    if run.by_flwr:  # before any training: a folder of another run is refused at once
         claim_folder(out, settings, fix="set another out in --run-config")
         print(f"papm: N={n}; results and REPORT.md go to {out}", flush=True)
-    base_path = ensure_base(rc, cfg, out, say, ds_all)
+    base_path = ensure_base(run, cfg, out, say, ds_all)
     base, meta = checkpoint.load(base_path)
     trained_on = meta.get("metrics", {}).get("data_key")
     if trained_on and trained_on != data_key:  # its validation split would not be held out here
         raise PapmError(f"base model {base_path} was trained on other data (fingerprint {trained_on[:12]}, "
                         f"this data {data_key[:12]}); pass the data it was trained on, or train a new base")
     split = base_split(meta, cfg["prune"].ref_size, cfg["prune"].node_val)
-    ds, ref, val = server_data(str(rc.get("data", "")) or None, split)
+    ds, ref, val = server_data(run.data or None, split)
     if not 1 <= n <= len(ds.classes):
         raise PapmError(f"device count {n} is outside [1, {len(ds.classes)}]")
-    simulated = str(rc.get("engine", "simulation")).startswith("simulation")
     base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs,
-                            int(rc.get("client-threads", 0)) if simulated else 0,
+                            run.client_threads if run.simulated else 0,
                             {"data": ds.key, "test_per_class": cfg["sim"].test_per_class})
     run_dir = out / f"n{n}"
     stats_key = {"base_sha256": base_fig["sha256"], "split": split, "data": ds.key}
-    cached = cached_grouping(run_dir, out / "class_stats.json" if simulated else None, stats_key, n,
+    cached = cached_grouping(run_dir, out / "class_stats.json" if run.simulated else None, stats_key, n,
                              cfg["sim"], len(ds.classes))
     strat = PapmStrategy(n, base, base_fig["sha256"], split, ds, ref, val, cfg["prune"], cfg["fuse"],
                          cfg["sim"], run_dir, cfg["prune"].seed,
                          report=lambda **k: say(stage="rounds", **k))
     result = strat.run(grid, {"key": grouping_key(stats_key, cfg["sim"])}, cached)
-    if simulated and strat.stats is not None:  # complete statistics only: every node, every class
+    if run.simulated and strat.stats is not None:  # complete statistics only: every node, every class
         write_json(out / "class_stats.json", {"key": stats_key, "stats": strat.stats.to_dict()})
-    result.update(engine=str(rc.get("engine", "simulation")), base=base_fig, seconds=time.monotonic() - t0,
+    result.update(engine=run.engine, base=base_fig, seconds=time.monotonic() - t0,
                   reference_images=len(ref), validation_images=len(val), test_images=len(strat.test), split=split,
                   config=settings,
                   provenance={**provenance(),
-                              "git_commit": str(rc.get("git-commit", "")) or provenance()["git_commit"]})
+                              "git_commit": run.git_commit or provenance()["git_commit"]})
     write_json(run_dir / "result.json", result)
-    if by_flwr:
+    if run.by_flwr:
         print(f"papm: report {flower_report(out, n, result)}", flush=True)
     say(stage="done")

@@ -81,3 +81,22 @@ def test_the_code_passes_its_linter():
     r = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_the_run_config_is_read_once_into_its_typed_object():
+    """clients.runconfig.RunConfig holds exactly pyproject's [tool.flwr.app.config] keys with
+    the same defaults; values are converted to the field's type; a bad key or value is one line."""
+    import tomllib
+    from pathlib import Path
+
+    from clients.runconfig import RunConfig
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    declared = pyproject["tool"]["flwr"]["app"]["config"]
+    assert RunConfig.read(declared) == RunConfig()  # same keys, same defaults
+    run = RunConfig.read({"devices": "5", "test-delay-s": 2, "engine": "deployment: x"})
+    assert run.devices == 5 and run.test_delay_s == 2.0 and not run.simulated and run.by_flwr
+    with pytest.raises(PapmError, match=r"unknown run-config keys \['device'\]"):
+        RunConfig.read({"device": 3})
+    with pytest.raises(PapmError, match="run-config key devices = 'many': expected int"):
+        RunConfig.read({"devices": "many"})
