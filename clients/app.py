@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients import wire
+from clients.mods import compute_time, test_faults
 from clients.runconfig import RunConfig
 from papm_core.config import from_dict
 from papm_core.data import Split
@@ -52,7 +52,7 @@ from papm_core.node import (
 )
 from papm_core.util import PapmError, atomic_write
 
-app = ClientApp()
+app = ClientApp(mods=[compute_time, test_faults])  # compute_s on every reply; test-only faults
 
 
 class Node:
@@ -68,28 +68,9 @@ class Node:
         self.box = not self.simulated and bool(self.source) and self.source.endswith(".npz")  # papm shard
         self.store = Path(str(nc.get("store", rc.store)) or Path.home() / ".cache/papm/node")
         self.deal_seed = rc.deal_seed
-        self.fail_partition, self.fail_round, self.delay = rc.test_fail_partition, rc.test_fail_round, rc.test_delay_s
-        # test-only, edge boxes: "ROUND:SIGNAL" (e.g. "prune:KILL") signals this node's whole
-        # session (SuperNode, SuperExec, this process) when that round starts
-        self.test_signal = str(nc.get("test-signal", ""))
         threads = rc.client_threads
         if threads > 0:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
-
-    def maybe_fail(self, round_name: str) -> None:
-        """Test-only fault injection (run config ``test-fail-partition``/``test-fail-round``;
-        with ``test-delay-s`` > 0 the node sleeps that long instead of raising)."""
-        if self.test_signal.partition(":")[0] == round_name:
-            self.progress(stage="test-signal", round=round_name, signal=self.test_signal)
-            sig = getattr(signal, "SIG" + self.test_signal.partition(":")[2])
-            for group in _supernode_groups():  # ours last: SIGSTOP/SIGKILL stop this process too
-                os.killpg(group, sig)
-        hit = self.fail_partition in (self.partition, -2)  # -2: every node
-        if self.simulated and hit and round_name == self.fail_round:
-            if self.delay > 0:  # a slow node instead of a failing one
-                time.sleep(self.delay)
-                return
-            raise RuntimeError(f"injected failure in round {round_name} (test-fail-partition)")
 
     def progress(self, **state) -> None:
         """A small JSON beside the store that sim.py shows as the node's live state."""
@@ -101,31 +82,14 @@ class Node:
             pass  # progress is best effort; the work itself must not fail on it
 
 
-def _supernode_groups() -> list[int]:
-    """Process groups from the SuperNode down to this ClientApp process (test-only faults):
-    Flower's SuperExec starts its own session, so one group is not the whole node."""
-    groups, pid = [], os.getpid()
-    while pid > 1:
-        groups.append(os.getpgid(pid))
-        if b"flower-supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return list(dict.fromkeys(reversed(groups)))
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return [os.getpgid(0)]  # no SuperNode above us: never signal anything else
-
-
-def _reply(msg: Message, config: dict, arrays=None, t0: float | None = None) -> Message:
-    """The reply; ``compute_s`` is the handler's own time, so the server can split a
-    round's wall time into node compute and everything else (transport, queueing)."""
-    if t0 is not None:
-        config = {**config, "compute_s": time.perf_counter() - t0}
+def _reply(msg: Message, config: dict, arrays=None) -> Message:
+    """The reply (the ``compute_time`` mod adds the handler's own seconds)."""
     return Message(wire.pack(config, arrays), reply_to=msg)
 
 
 @app.query("stats")
 def stats(msg: Message, ctx: Context) -> Message:
-    t0 = time.perf_counter()
     node = Node(ctx)
-    node.maybe_fail("stats")
     cfg = wire.config_of(msg.content, ("split", "num_classes"))
     ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated}
     if node.simulated:
@@ -135,19 +99,17 @@ def stats(msg: Message, ctx: Context) -> Message:
     else:
         held = sorted(set(local_data(node.source, cfg["split"]).val.y.unique().tolist()))
     if cfg.get("identify_only"):
-        return _reply(msg, {**ident, "held": held}, t0=t0)
+        return _reply(msg, {**ident, "held": held})
     base = wire.model_from(msg.content, wire.config_of(msg.content, ("spec",))["spec"])
     st = local_stats(base, local_data(node.source, cfg["split"], held), held)
     arrays = {k: getattr(st, k) for k in ("count", "prob_sum", "outer_sum", "logit_sum")}
-    return _reply(msg, {**ident, "held": held}, arrays, t0=t0)
+    return _reply(msg, {**ident, "held": held}, arrays)
 
 
 @app.train("prune")
 def prune(msg: Message, ctx: Context) -> Message:
-    t0 = time.perf_counter()
     node = Node(ctx)
     cfg = wire.config_of(msg.content, ("spec", "split", "prune", "base_sha256"))
-    node.maybe_fail("prune")
     pcfg = from_dict("prune", {**cfg["prune"], "device": "cpu" if not torch.cuda.is_available() else "cuda"})
     # pruning and fine-tuning run where the node's accelerator is (the data follows the model)
     base = wire.model_from(msg.content, cfg["spec"]).to(pcfg.device)
@@ -173,31 +135,28 @@ def prune(msg: Message, ctx: Context) -> Message:
     keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
             "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key")
     return _reply(msg, {"name": node.name, "reused": reused, "path": str(path),
-                        "data_fingerprint": data.fingerprint, "report": {k: report.get(k) for k in keep}}, t0=t0)
+                        "data_fingerprint": data.fingerprint, "report": {k: report.get(k) for k in keep}})
 
 
-def _stored_model(msg: Message, ctx: Context, round_name: str):
+def _stored_model(msg: Message, ctx: Context):
     """(node, config, path of the pruned model the message names) for embed/evaluate."""
     node = Node(ctx)
-    node.maybe_fail(round_name)
     cfg = wire.config_of(msg.content, ("key",))
     return node, cfg, find_pruned(node.store, str(cfg["key"]))
 
 
 @app.query("embed")
 def embed(msg: Message, ctx: Context) -> Message:
-    t0 = time.perf_counter()
-    node, _, path = _stored_model(msg, ctx, "embed")
+    node, _, path = _stored_model(msg, ctx)
     out = {}
     for name in ("ref", "val"):
         out[f"{name}_f"] = embed_images(path, wire.images(msg.content, name), node.store)
-    return _reply(msg, {"name": node.name}, out, t0=t0)
+    return _reply(msg, {"name": node.name}, out)
 
 
 @app.evaluate()
 def evaluate(msg: Message, ctx: Context) -> Message:
-    t0 = time.perf_counter()
-    node, cfg, path = _stored_model(msg, ctx, "evaluate")
+    node, cfg, path = _stored_model(msg, ctx)
     res = evaluate_images(path, wire.images(msg.content, "test"), node.store, int(cfg.get("latency_runs", 200)))
     arrays = {"features": res.pop("features"), "pred": res.pop("pred")}
-    return _reply(msg, {"name": node.name, "pid": os.getpid(), **res}, arrays, t0=t0)
+    return _reply(msg, {"name": node.name, "pid": os.getpid(), **res}, arrays)

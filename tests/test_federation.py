@@ -57,6 +57,39 @@ def test_wire_rejects_malformed_messages():
         wire.model_from(content, resnet18_spec(0.25))
 
 
+def test_client_mods_time_every_reply_and_inject_only_the_asked_fault():
+    """compute_time adds the handler's own seconds to a reply's config; test_faults fails the
+    named simulated node in the named round only (or delays it), and nothing otherwise."""
+    from types import SimpleNamespace
+
+    from flwr.app import Context, RecordDict
+
+    from clients import wire
+    from clients.mods import compute_time, test_faults
+
+    msg = SimpleNamespace(metadata=SimpleNamespace(message_type="query.stats"))
+
+    def handler(m, ctx):
+        time.sleep(0.05)
+        content = wire.pack({"name": "node-0"})
+        return SimpleNamespace(content=content, has_content=lambda: True)
+
+    def ctx(partition, **rc):
+        return Context(run_id=1, node_id=1, node_config={"partition-id": partition, "num-partitions": 2},
+                       state=RecordDict(), run_config=rc)
+
+    cfg = wire.config_of(compute_time(msg, ctx(0), handler).content)
+    assert cfg["name"] == "node-0" and 0.05 <= cfg["compute_s"] < 1.0
+    with pytest.raises(RuntimeError, match="injected failure in round stats"):
+        test_faults(msg, ctx(0, **{"test-fail-partition": 0, "test-fail-round": "stats"}), handler)
+    for other in (ctx(1, **{"test-fail-partition": 0, "test-fail-round": "stats"}),   # another node
+                  ctx(0, **{"test-fail-partition": 0, "test-fail-round": "prune"})):  # another round
+        assert test_faults(msg, other, handler).has_content()
+    t0 = time.perf_counter()  # a slow node instead of a failing one
+    test_faults(msg, ctx(0, **{"test-fail-partition": -2, "test-fail-round": "stats", "test-delay-s": 0.3}), handler)
+    assert time.perf_counter() - t0 >= 0.3
+
+
 def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
     from papm_core.grouping import group_classes, merge_stats
     from papm_core.models import build_model, resnet18_spec
