@@ -69,7 +69,10 @@ def _reason(text: str) -> str:
 
 
 class PapmStrategy:
-    """Holds the protocol; the ServerApp only loads the base model and calls ``run``."""
+    """The PAPM protocol: four rounds (stats, prune, embed, evaluate) and the fusion between
+    them, driven by ``run``; not a Flower ``Strategy`` subclass, whose fit/evaluate rounds
+    aggregate weights, which PAPM never moves. The ServerApp loads the base model and calls
+    ``run``."""
 
     def __init__(self, n: int, base: torch.nn.Module, base_sha: str, split: dict, ds: Dataset,
                  ref: Split, val: Split, prune_cfg: PruneConfig, fuse_cfg: FuseConfig,
@@ -85,6 +88,12 @@ class PapmStrategy:
         self.incomplete: list[str] = []  # why this run's figures are not a whole fleet's
         self.keys: dict[int, str] = {}   # device -> its model's content key (from the prune round)
         self.dims: dict[int, int] = {}   # device -> embedding width (from the embed round)
+        self.nodes: list[int] = []       # device -> Flower node id (fixed by the stats round)
+        self.node_names: dict[int, str] = {}
+        self.held: dict[int, list[int]] = {}  # device -> the classes its node reported holding
+        self.groups: list[list[int]] = []     # device -> its classes
+        self.similarity: np.ndarray | None = None
+        self.simulated = True            # every node a simulated one (not an edge box)
 
     # --- transport --------------------------------------------------------------------
     def _exchange(self, grid: Grid, name: str, msgs: dict[int, tuple[str, object]], timeout: float,
@@ -140,7 +149,6 @@ class PapmStrategy:
                 raise PapmError(f"only {len(ids)} of {self.n} nodes connected within {timeout:.0f} s")
             time.sleep(0.5)
         self.nodes = ids[:self.n]
-        self.node_names = {}
 
     def _base_msg(self, extra: dict) -> object:
         return wire.pack({"spec": self.base.spec, "split": self.split, **extra}, wire.model_arrays(self.base))
