@@ -1,7 +1,7 @@
 """Fusion head over frozen device embeddings, with device dropout: ``fuse(...) -> FuseResult``.
 
 Devices upload only embeddings (``embed``) of the server's public reference set: per image,
-their pooled ``forward_features`` and their own classifier's log-probabilities over all
+their pooled features (``forward_head(..., pre_logits=True)``) and their own classifier's log-probabilities over all
 classes (``device_embedding``); the server trains the head on them, stops early on
 validation embeddings and reports on test embeddings.
 
@@ -111,16 +111,13 @@ def build_head(dims: list[int], num_classes: int, hidden: int = 512, dropout: fl
 def device_embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What a device uploads per normalised image: its pooled features and its own
     classifier's log-probabilities over all classes, float32 [n, num_features + K]."""
-    f = model.forward_features(x).float()
-    return torch.cat([f, F.log_softmax(model.forward_head(f).float(), 1)], 1)
+    f = model.forward_head(model.forward_features(x), pre_logits=True).float()
+    return torch.cat([f, F.log_softmax(model.get_classifier()(f).float(), 1)], 1)
 
 
 def embedding_dim(model: nn.Module) -> int:
     """Width of ``device_embedding``: num_features + the classifier's class count."""
-    dev = next(model.parameters()).device
-    with torch.no_grad():
-        k = model.forward_head(torch.zeros(1, model.num_features, device=dev)).shape[1]
-    return int(model.num_features) + int(k)
+    return int(model.num_features) + int(model.num_classes)
 
 
 @torch.no_grad()

@@ -84,7 +84,7 @@ def class_stats(model: nn.Module, shard: Split, batch_size: int = 500) -> ClassS
     model.eval()
     dev = next(model.parameters()).device
     n_classes = max(shard.class_ids) + 1 if shard.class_ids else 0
-    k = model.forward_head(torch.zeros(1, model.num_features, device=dev)).shape[1]
+    k = model.num_classes
     n_classes = max(n_classes, k)
     count = np.zeros(n_classes)
     prob_sum, logit_sum = np.zeros((n_classes, k)), np.zeros((n_classes, k))

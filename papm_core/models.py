@@ -88,17 +88,32 @@ class ResNet18(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.num_features = c_in
-        self.linear = nn.Linear(c_in, int(spec["num_classes"]))
+        self.num_classes = int(spec["num_classes"])
+        self.linear = nn.Linear(c_in, self.num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled embedding [N, num_features]; the seam for embeddings and fusion."""
+        """The unpooled feature map, as timm's models return it.
+
+        Args: x: normalised images [N, 3, H, W].
+        Returns: [N, num_features, H/8, W/8].
+        """
         out = F.relu(self.bn1(self.conv1(x)))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             out = layer(out)
-        return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
+        return out
 
-    def forward_head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.linear(f)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pool, then the classifier.
+
+        Args: x: a feature map from ``forward_features``; pre_logits: stop after pooling.
+        Returns: [N, num_features] pooled features (the device embedding's seam) if
+        ``pre_logits``, else logits [N, num_classes].
+        """
+        f = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return f if pre_logits else self.linear(f)
+
+    def get_classifier(self) -> nn.Module:
+        return self.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -53,7 +53,7 @@ def flip_logits(model: nn.Module, split: Split, precision: str = "auto",
         with autocast(dev, precision):
             views = [model(normalize(v, channels_last=True)).float() for v in (x, x.flip(3))]
         out.append(torch.stack(views, 1))
-    k = model.forward_head(torch.zeros(1, model.num_features, device=dev)).shape[1]
+    k = model.num_classes
     return torch.cat(out).to(dev) if out else torch.zeros(0, 2, k, device=dev)
 
 

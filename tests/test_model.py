@@ -28,9 +28,11 @@ def test_non_uniform_spec_runs():
                        {"out": 72, "inner": [32, 8]}, {"out": 96, "inner": [64, 16]}]}
     m = build_model(spec).eval()
     x = torch.randn(3, 3, 32, 32)
-    f = m.forward_features(x)
-    assert f.shape == (3, 96) and m(x).shape == (3, 4)
+    f = m.forward_features(x)  # timm's contract: the unpooled map, then pool + classify
+    assert f.shape == (3, 96, 4, 4) and m(x).shape == (3, 4) and m.num_classes == 4 and m.num_features == 96
     assert torch.allclose(m.forward_head(f), m(x))
+    pooled = m.forward_head(f, pre_logits=True)
+    assert pooled.shape == (3, 96) and torch.allclose(m.get_classifier()(pooled), m(x))
     assert m.layer2[0].conv1.out_channels == 13 and m.layer3[1].conv1.out_channels == 8
 
 
