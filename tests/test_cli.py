@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, write_tree
+from helpers import run_cli, write_tree
 
 from papm_core.util import use_bf16
 

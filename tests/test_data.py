@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import make_tar, write_tree
+from helpers import make_tar, write_tree
 
 from papm_core.data import load_dataset, subsample, train_val_split
 from papm_core.loader import augment, batches, normalize
@@ -191,7 +191,7 @@ def test_splits_sized_to_the_data_and_checked_before_training(tmp_path):
     line naming the split, before any training."""
     import sys
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     from papm_core.config import TrainConfig
     from papm_core.data import SPLIT_SHARE

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import flower_processes, fused_from_files, run_sim
+from helpers import flower_processes, fused_from_files, run_sim
 
 from papm_core.util import PapmError
 
@@ -73,7 +73,7 @@ def test_box_data_file_roundtrip_and_rejects_bad_files(cifar, tmp_path):
 
 
 def test_papm_shard_command(cifar, shared_archive, tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     from papm_core import checkpoint
     from papm_core.models import build_model, resnet18_spec

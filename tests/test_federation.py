@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, flower_processes, fused_from_files, run_sim, write_tree
+from helpers import ROOT, flower_processes, fused_from_files, run_sim, write_tree
 
 from papm_core.neighbours import run_marker
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, write_tree
+from helpers import run_cli, write_tree
 
 from papm_core import checkpoint, loader
 from papm_core.data import load_dataset, subsample

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, write_tree
+from helpers import run_cli, write_tree
 
 from papm_core import checkpoint
 from papm_core.data import subsample
