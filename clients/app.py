@@ -39,7 +39,7 @@ from clients.mods import compute_time, test_faults
 from clients.runconfig import RunConfig
 from papm_core.config import from_dict
 from papm_core.data import Split
-from papm_core.finetune import finetune_epochs
+from papm_core.finetune import epoch_images, finetune_epochs
 from papm_core.node import (
     box_classes,
     embed_images,
@@ -124,8 +124,8 @@ def prune(msg: Message, ctx: Context) -> Message:
     data = local_data(node.source, cfg["split"], None if pcfg.scope == "all" else pcfg.classes)
     for s in public.values():
         s.classes = data.classes
-    own = int(torch.isin(data.private.y, torch.tensor(pcfg.classes)).sum())  # images per epoch, as finetune counts
-    per_epoch = int(own / 0.9) if pcfg.recipe == "original" else len(data.private) if pcfg.scope == "all" else own
+    own = int(torch.isin(data.private.y, torch.tensor(pcfg.classes)).sum())
+    per_epoch = epoch_images(pcfg, own, len(data.private))
     node.progress(stage="prune", classes=pcfg.classes, epoch=0, epochs=finetune_epochs(pcfg, per_epoch))
     path, report, reused = ensure_pruned(
         base, cfg["base_sha256"], data, pcfg, cfg["split"], public, node.store,

@@ -23,7 +23,7 @@ import torch
 from . import checkpoint
 from .config import FuseConfig, to_dict
 from .data import Dataset, Split, load_dataset
-from .fusion import FuseResult, FusionHead, gate, halves, head_accuracy, train_head
+from .fusion import FuseResult, FusionHead, gate, halves, head_accuracy, head_predictions, train_head
 from .specialize import reference_splits
 from .util import PapmError
 
@@ -119,9 +119,7 @@ def fused_figures(head: FusionHead, order: list[int], dims: list[int],
     """Test accuracy overall and per class (devices that did not answer are masked), and
     with each single device of the head masked as well: the worst and the mean."""
     x, mask = stack(test_feats, order, dims, len(y))
-    with torch.no_grad():
-        head.eval()
-        pred = torch.cat([head(x[i:i + 2048], mask[i:i + 2048]).argmax(1) for i in range(0, len(y), 2048)])
+    pred = head_predictions(head, x, mask)
     per_class = {c: 100.0 * (pred[y == k] == k).float().mean().item() for k, c in enumerate(class_names)}
     missing = []
     for j in range(len(order)):

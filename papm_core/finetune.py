@@ -136,6 +136,15 @@ def distils(cfg: PruneConfig) -> bool:
     return cfg.recipe == "papm" and cfg.scope != "shard"
 
 
+def epoch_images(cfg: PruneConfig, n_shard: int, n_pool: int) -> int:
+    """Images one fine-tuning epoch draws, from the device's own-class images (``n_shard``)
+    and, for ``scope = "all"``, all its private images (``n_pool``). The original recipe
+    samples own:other 9:1, so its epoch draws n_shard / 0.9 and own images are seen about once."""
+    if cfg.recipe == "original":
+        return int(n_shard / 0.9)
+    return n_pool if cfg.scope == "all" else n_shard
+
+
 def finetune_epochs(cfg: PruneConfig, n_epoch: int) -> int:
     """Epochs to run: ``cfg.epochs``, raised until ``cfg.min_steps`` optimizer steps are
     reached. A one-class shard (4,000 images, 32 batches of 128) gets 96 steps in 3
@@ -192,7 +201,7 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
     base = base.eval()
     primary = pool if cfg.scope == "all" else shard
     gen = torch.Generator().manual_seed(cfg.seed)
-    n_epoch = int(len(shard) / 0.9) if cfg.recipe == "original" else len(primary)
+    n_epoch = epoch_images(cfg, len(shard), len(primary))
     epochs = finetune_epochs(cfg, n_epoch)
     steps = max(1, epochs * num_batches(n_epoch, cfg.batch_size))
     opt, sched = make_optimizer(model, cfg, steps, dev)
