@@ -12,6 +12,7 @@ Examples::
     papm fuse --groups result/groups.json --devices 2 --threshold 77
     papm eval --split checkpoints/fusion_n2_th77.pt --base checkpoints/base.pt
     papm shard --base checkpoints/base.pt --data /data/box0-images --out /srv/papm/box-0.npz
+    papm export checkpoints/pruned_class3-5_th77.pt --format onnx --out device.onnx
 """
 
 from __future__ import annotations
@@ -309,6 +310,31 @@ def _add_shard(sub) -> None:
     p.set_defaults(func=cmd_shard)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a base or device checkpoint to ONNX, checked against PyTorch",
+                       description="Write an ONNX file (fp32, dynamic batch) of a checkpoint; it is written "
+                                   "only if its logits match PyTorch's within 1e-3 on real images.")
+    p.add_argument("ckpt", help="a checkpoint from papm train or papm prune")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="the edge runtime's format")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--data", help="images for the parity check (default $PAPM_DATA, else download)")
+    p.add_argument("--images", type=int, default=512, help="real images the parity check runs on")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    if not args.out.endswith(".onnx"):
+        raise PapmError(f"--out {args.out}: an ONNX file must end in .onnx")
+    if args.images < 1:
+        raise PapmError(f"--images must be >= 1, got {args.images}")
+    r = export_onnx(args.ckpt, args.out, args.data, args.images)
+    print(f"wrote {r['path']} ({r['mb']:.2f} MB); against PyTorch on {r['images']} real images: "
+          f"max |Δ logit| {r['max_abs_logit_diff']:.1e}, top-1 agreement {r['top1_agreement']:.2f} %")
+    return 0
+
+
 def cmd_shard(args) -> int:
     from . import checkpoint
     from .node import make_box, read_box
@@ -404,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_fuse(sub)
     _add_shard(sub)
+    _add_export(sub)
     return p
 
 
