@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from papm_core.config import claim_folder, load_all, resolve_preset_name, same_settings, to_dict  # noqa: E402
+from papm_core.config import claim_folder, load_all, preset_label, same_settings, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
 from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
 from papm_core.util import PapmError, git_commit, provenance, write_json  # noqa: E402
@@ -108,8 +108,7 @@ def resolve(args) -> tuple[dict, list[int], Path]:
         from papm_core.specialize import planned_split
         planned_split(ds, TrainConfig(**cfg["train"]), cfg["prune"]["ref_size"], cfg["prune"]["node_val"])
     cfg["data"] = {"fingerprint": ds.key}  # a run folder never mixes results of two data sets
-    name = Path(args.preset).stem if args.preset.endswith(".toml") else resolve_preset_name(args.preset)
-    out = Path(args.out or ROOT / "runs" / name).resolve()
+    out = Path(args.out or ROOT / "runs" / preset_label(args.preset)).resolve()
     return cfg, devices, out
 
 

@@ -198,6 +198,11 @@ def resolve_preset_name(name: str) -> str:
     return name
 
 
+def preset_label(name: str) -> str:
+    """The name a run folder takes from a preset: ``auto`` resolved, a file's stem."""
+    return Path(name).stem if name.endswith(".toml") else resolve_preset_name(name)
+
+
 def preset_path(name: str) -> Path:
     p = Path(name)
     if p.suffix == ".toml":

@@ -286,6 +286,13 @@ def fit_split(asked: int, n: int) -> int:
     return min(int(asked), max(1, int(SPLIT_SHARE * n)))
 
 
+def base_val_size(train: Split, val_size: int, per_class: int = 0) -> int:
+    """The validation size a base model trained on ``train`` (after its optional per-class
+    subsample, counted from the labels) uses: ``val_size`` capped by ``fit_split``."""
+    n = int(torch.bincount(train.y).clamp(max=per_class).sum()) if per_class else len(train)
+    return fit_split(val_size, n)
+
+
 def train_val_split(train: Split, n_val: int = 5000, seed: int = 0,
                     what: str = "validation size", fix: str = "lower --val-size") -> tuple[Split, Split]:
     """Stratified, seeded split of train into (train', val); the two are disjoint.

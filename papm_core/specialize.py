@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import checkpoint
 from .config import PruneConfig, to_dict
-from .data import Dataset, Split, carve, fit_split, subsample, train_val_split
+from .data import Dataset, Split, base_val_size, carve, fit_split, subsample, train_val_split
 from .evaluate import accuracy
 from .finetune import finetune
 from .models import count_params, spec_params
@@ -69,8 +69,8 @@ def planned_split(ds: Dataset, tcfg, ref_size: int, node_val: float) -> dict:
     """The split settings a base trained per ``tcfg`` (a TrainConfig) on ``ds`` will carry,
     checked on ``ds`` before any training: a data set too small for the validation split,
     the public reference set and the devices fails here, in one line, not after the base."""
-    n = len(subsample(ds.train, tcfg.per_class, tcfg.seed)) if tcfg.per_class else len(ds.train)
-    split = {"val_size": fit_split(tcfg.val_size, n), "seed": int(tcfg.seed), "per_class": int(tcfg.per_class),
+    split = {"val_size": base_val_size(ds.train, tcfg.val_size, tcfg.per_class), "seed": int(tcfg.seed),
+             "per_class": int(tcfg.per_class),
              "ref_size": int(ref_size), "node_val": float(node_val)}
     reference_splits(ds, split)
     return split

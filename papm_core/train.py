@@ -23,7 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from . import checkpoint
 from .config import TrainConfig, to_dict
-from .data import Split, carve, fit_split, load_dataset, subsample
+from .data import Split, base_val_size, carve, load_dataset
 from .evaluate import accuracy
 from .loader import batches, num_batches
 from .models import build_model, count_params, resnet18_spec
@@ -89,10 +89,9 @@ def prepare_data(cfg: TrainConfig, device: torch.device):
     train, test = ds.train, ds.test
     if cfg.classes:
         train, test = train.shard(cfg.classes, remap=True), test.shard(cfg.classes, remap=True)
-    n = len(subsample(train, cfg.per_class, cfg.seed)) if cfg.per_class else len(train)
     # the size is a cap (data.SPLIT_SHARE of the training images); the checkpoint records the
     # size used, so later stages carve exactly this validation split
-    cfg.val_size = fit_split(cfg.val_size, n)
+    cfg.val_size = base_val_size(train, cfg.val_size, cfg.per_class)
     train, val = carve(train, cfg.val_size, cfg.seed, cfg.per_class)
     return ds, train.to(device), val.to(device), test
 

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.runconfig import RunConfig
 from papm_core import checkpoint
-from papm_core.config import claim_folder, from_dict, load_all, resolve_preset_name, to_dict
+from papm_core.config import claim_folder, from_dict, load_all, preset_label, to_dict
 from papm_core.data import load_dataset
 from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
@@ -51,10 +51,7 @@ def resolved_config(run: RunConfig) -> dict:
 
 def run_folder(run: RunConfig) -> Path:
     """The run config's ``out``; empty (a plain ``flwr run .``): ``~/papm-runs/<preset>``."""
-    if run.out:
-        return Path(run.out)
-    preset = run.preset
-    return Path.home() / "papm-runs" / (Path(preset).stem if preset.endswith(".toml") else resolve_preset_name(preset))
+    return Path(run.out) if run.out else Path.home() / "papm-runs" / preset_label(run.preset)
 
 
 def flower_report(out: Path, n: int, result: dict) -> Path:
@@ -67,7 +64,7 @@ def flower_report(out: Path, n: int, result: dict) -> Path:
     timings = json.loads(path.read_text()) if path.is_file() else {}
     timings[str(n)] = {"wall_s": result["seconds"], "rounds": result["rounds"], "other_runs": []}
     write_json(path, timings)
-    ns = sorted({n, *(int(p.parent.name[1:]) for p in out.glob("n*/result.json") if p.parent.name[1:].isdigit())})
+    ns = sorted(int(d.name[1:]) for d in out.glob("n*") if d.name[1:].isdigit() and (d / "result.json").is_file())
     return write_report(out, ns, {"provenance": result["provenance"], "timings": timings})
 
 

@@ -253,9 +253,15 @@ def test_flwr_run_writes_the_report(smoke_run, tmp_path, shared_archive):
            "--federation-config", "num-supernodes=2", "--stream"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    finally:  # flwr run leaves a local SuperLink running: stop what this FLWR_HOME started
+    finally:  # flwr run leaves a local SuperLink running: stop what this FLWR_HOME started, and wait
         for line in flower_processes(out, home):
-            os.kill(int(line.split()[0]), signal.SIGTERM)
+            try:
+                os.kill(int(line.split()[0]), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        t0 = time.monotonic()
+        while flower_processes(out, home) and time.monotonic() - t0 < 30:
+            time.sleep(0.5)
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert f"results and REPORT.md go to {out}" in r.stdout + r.stderr
     for name in ("REPORT.md", "fusion.csv", "devices.csv", "accuracy_vs_n.png", "config.json", "timings.json"):
