@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+from papm_core import holdings  # noqa: E402
 from papm_core.config import claim_folder, load_all, preset_label, same_settings, to_dict  # noqa: E402
 from papm_core.grouping import parse_devices  # noqa: E402
 from papm_core.neighbours import Watch, other_runs, run_marker  # noqa: E402
@@ -103,6 +104,8 @@ def resolve(args) -> tuple[dict, list[int], Path]:
     bad = [n for n in devices if not 1 <= n <= n_classes]
     if bad:
         raise PapmError(f"device counts {bad} are outside [1, {n_classes}] (the number of classes)")
+    for n in devices:  # holdings that cannot cover every class fail now, naming the count
+        holdings.check(cfg["sim"]["holdings"], n, n_classes)
     if not args.base:  # a data set too small for the splits fails now, not after base training
         from papm_core.config import TrainConfig
         from papm_core.specialize import planned_split
@@ -118,7 +121,8 @@ def run_config(n: int, out: Path, cfg: dict, args, base: str = "") -> dict:
           "base": base or (str(Path(args.base).resolve()) if args.base else ""),
           "data": str(Path(args.data).resolve()) if args.data and Path(args.data).exists() else (args.data or ""),
           "store": str(out / "store"), "client-threads": int(cfg["sim"]["client_cpus"] or threads),
-          "deal-seed": int(cfg["sim"]["deal_seed"]), "git-commit": git_commit(),
+          "deal-seed": int(cfg["sim"]["deal_seed"]), "holdings": str(cfg["sim"]["holdings"]),
+          "git-commit": git_commit(),
           "engine": ("deployment: " + args.attach if args.attach else
                      "deployment, local processes, " + ("plaintext" if args.insecure_plaintext else
                                                         "TLS + SuperNode auth") if args.deployment

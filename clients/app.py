@@ -41,12 +41,12 @@ from papm_core.config import from_dict
 from papm_core.data import Split
 from papm_core.finetune import epoch_images, finetune_epochs
 from papm_core.node import (
-    box_classes,
     embed_images,
     ensure_pruned,
     evaluate_images,
     find_pruned,
     held_classes,
+    holding_of,
     local_data,
     local_stats,
 )
@@ -65,12 +65,22 @@ class Node:
         self.partitions = int(nc.get("num-partitions", 0))
         self.name = str(nc.get("name", f"node-{self.partition}" if self.simulated else "box"))
         self.source = str(nc.get("data", rc.data)) or None
-        self.box = not self.simulated and bool(self.source) and self.source.endswith(".npz")  # papm shard
         self.store = Path(str(nc.get("store", rc.store)) or Path.home() / ".cache/papm/node")
         self.deal_seed = rc.deal_seed
+        self.holdings = rc.holdings if self.simulated else "box"
+        # fixed data (an edge box, or a simulated node under non-IID holdings): the node
+        # trains on what it holds; otherwise it holds whichever group shard it is given
+        self.fixed = self.holdings != "group"
         threads = rc.client_threads
         if threads > 0:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
+
+    def data(self, split: dict, held: list[int] | None = None):
+        """This node's data (``papm_core.node.local_data``), cut to its part under holdings."""
+        part = None
+        if self.simulated and self.fixed:
+            part = (self.holdings, self.partition, self.partitions, self.deal_seed)
+        return local_data(self.source, split, held, part)
 
     def progress(self, **state) -> None:
         """A small JSON beside the store that sim.py shows as the node's live state."""
@@ -91,19 +101,23 @@ def _reply(msg: Message, config: dict, arrays=None) -> Message:
 def stats(msg: Message, ctx: Context) -> Message:
     node = Node(ctx)
     cfg = wire.config_of(msg.content, ("split", "num_classes"))
-    ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated}
-    if node.simulated:
-        held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed)
-    elif node.box:
-        held = box_classes(node.source)
+    ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated,
+             "holdings": node.holdings}
+    if node.fixed:  # what it holds decides which group it serves (image counts per class)
+        data = node.data(cfg["split"])
+        held, held_n = holding_of(data)
+        stat_classes = sorted(set(data.val.y.unique().tolist()))  # all its held-out images
     else:
-        held = sorted(set(local_data(node.source, cfg["split"]).val.y.unique().tolist()))
+        held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed) \
+            if node.simulated else sorted(set(node.data(cfg["split"]).val.y.unique().tolist()))
+        held_n, stat_classes = [], held
+    ident.update(held=held, held_n=held_n)
     if cfg.get("identify_only"):
-        return _reply(msg, {**ident, "held": held})
+        return _reply(msg, ident)
     base = wire.model_from(msg.content, wire.config_of(msg.content, ("spec",))["spec"])
-    st = local_stats(base, local_data(node.source, cfg["split"], held), held)
+    st = local_stats(base, node.data(cfg["split"], stat_classes), stat_classes)
     arrays = {k: getattr(st, k) for k in ("count", "prob_sum", "outer_sum", "logit_sum")}
-    return _reply(msg, {**ident, "held": held}, arrays)
+    return _reply(msg, ident, arrays)
 
 
 @app.train("prune")
@@ -117,11 +131,13 @@ def prune(msg: Message, ctx: Context) -> Message:
     if "ref_x" in (msg.content.array_records.get("arrays") or {}):
         x = wire.images(msg.content, "ref")  # unlabelled: the device distils on them
         public["ref"] = Split("ref", torch.from_numpy(x), torch.zeros(len(x), dtype=torch.int64), [])
-    if node.box:
-        held = box_classes(node.source)
+    data = node.data(cfg["split"])
+    if node.fixed:
+        held = holding_of(data)[0]
         if not set(pcfg.classes) & set(held):
             raise PapmError(f"{node.name} holds none of classes {pcfg.classes} (it holds {held})")
-    data = local_data(node.source, cfg["split"], None if pcfg.scope == "all" else pcfg.classes)
+    if pcfg.scope != "all":
+        data = node.data(cfg["split"], pcfg.classes)
     for s in public.values():
         s.classes = data.classes
     own = int(torch.isin(data.private.y, torch.tensor(pcfg.classes)).sum())
@@ -134,7 +150,7 @@ def prune(msg: Message, ctx: Context) -> Message:
     node.progress(stage="idle")
     keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
             "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key")
-    return _reply(msg, {"name": node.name, "reused": reused, "path": str(path),
+    return _reply(msg, {"name": node.name, "reused": reused, "path": str(path), "images": own,
                         "data_fingerprint": data.fingerprint, "report": {k: report.get(k) for k in keep}})
 
 

@@ -24,6 +24,7 @@ class RunConfig:
     store: str = ""                # simulated nodes' store; boxes set `store` in their node config
     client_threads: int = 0        # torch threads per simulated client; 0 = torch's default
     deal_seed: int = 0             # how classes are dealt to nodes before grouping
+    holdings: str = "group"        # simulated nodes' data (papm_core.holdings)
     git_commit: str = ""           # the launcher's commit (the app itself runs from a FAB copy)
     engine: str = "simulation"     # how the nodes run, as written in the report
     test_fail_partition: int = -1  # test only: this simulated node (-2: every node) fails ...

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from . import holdings
 from .util import PRECISIONS, PapmError, write_json
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -178,6 +179,7 @@ class SimConfig:
     latency_runs: int = 200          # batch-1 runs per latency median (at least 200)
     client_cpus: float = 0.0         # CPUs per simulated client; 0 = all (clients run one at a time)
     deal_seed: int = 0               # how classes are dealt to nodes before grouping
+    holdings: str = "group"          # simulated nodes' data: group, dirichlet:A, classes:K
     test_per_class: int = 0          # >0 reports on a seeded subset of the test split (smoke runs)
 
     def validate(self) -> "SimConfig":
@@ -186,6 +188,7 @@ class SimConfig:
                   (self.latency_runs >= 200, "latency_runs must be >= 200"),
                   (self.client_cpus >= 0, "client_cpus must be >= 0"),
                   (self.max_group_size >= 0, "max_group_size must be >= 0")]
+        holdings.parse(self.holdings)  # a malformed spec is its own one line
         return _check(self, checks)
 
 

@@ -35,16 +35,17 @@ def server_data(source: str | None, split: dict) -> tuple[Dataset, Split, Split]
     return ds, c.ref, c.val
 
 
-def match_groups(groups: list[list[int]], held: list[list[int]] | None) -> list[int]:
-    """Which group each node serves. Simulated nodes can hold any shard (``held`` None):
-    node i serves group i. Real boxes hold fixed data: each group goes to the box holding
-    most of its classes (greedy on overlap, ties to the lower node index)."""
+def match_groups(groups: list[list[int]], held: list[dict[int, int]] | None) -> list[int]:
+    """Which group each node serves. Simulated nodes that hold whatever shard they are given
+    (``held`` None): node i serves group i. Nodes with fixed data (``held``: class -> its
+    training images there): each group goes to the node holding most images of its classes
+    (greedy, ties to the lower group and node index)."""
     if held is None:
         return list(range(len(groups)))
     if len(held) != len(groups):
         raise PapmError(f"{len(held)} nodes for {len(groups)} groups")
-    pairs = sorted(((-len(set(g) & set(h)), gi, ni) for gi, g in enumerate(groups)
-                    for ni, h in enumerate(held)))
+    pairs = sorted((-sum(h.get(c, 0) for c in g), gi, ni) for gi, g in enumerate(groups)
+                   for ni, h in enumerate(held))
     out, used_g, used_n = [-1] * len(held), set(), set()
     for _, gi, ni in pairs:
         if gi not in used_g and ni not in used_n:

@@ -46,7 +46,7 @@ from .evaluate import eval_batch_size
 from .loader import batches, flip_batches, num_batches
 from .teacher import cached_flip_logits, model_key
 from .train import make_optimizer
-from .util import autocast
+from .util import autocast, use_bf16
 
 
 @dataclass
@@ -156,11 +156,21 @@ def finetune_epochs(cfg: PruneConfig, n_epoch: int) -> int:
 def _train_batches(split: Split, cfg: PruneConfig, gen: torch.Generator, order=None):
     """(images, labels, indices, flipped) per batch; indices and flips are None under
     crop+flip augmentation, whose views no table can hold."""
+    dev = split.y.device
+    # fp32 on CPU: an odd batch (> 1 image) loses its last image. oneDNN's AVX-512 kernel
+    # for the backward weights of a 1x1 stride-2 convolution (the residual shortcuts),
+    # channels_last, 2 threads, corrupts memory on odd batches (torch 2.14.1; seen on an
+    # Intel Xeon); bf16 autocast takes other kernels and keeps every image.
+    even = dev.type == "cpu" and not use_bf16(dev, cfg.precision)
     if cfg.augment == "flip":
-        yield from flip_batches(split, cfg.batch_size, gen, channels_last=True, order=order)
-        return
-    for x, y in batches(split, cfg.batch_size, train=True, gen=gen, channels_last=True, order=order):
-        yield x, y, None, None
+        source = flip_batches(split, cfg.batch_size, gen, channels_last=True, order=order)
+    else:
+        source = ((x, y, None, None) for x, y in batches(split, cfg.batch_size, train=True, gen=gen,
+                                                           channels_last=True, order=order))
+    for b in source:
+        if even and len(b[1]) > 1 and len(b[1]) % 2:
+            b = tuple(t[:-1] if t is not None else None for t in b)
+        yield b
 
 
 class _Teacher:

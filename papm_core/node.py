@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from . import checkpoint, holdings
 from .config import PruneConfig, to_dict
 from .data import Dataset, Split, load_dataset
 from .evaluate import LATENCY_METHOD, latency_ms
@@ -91,19 +91,36 @@ def read_box(path: str) -> LocalData:
     return LocalData(out["private"], out["val"], names, "box:" + file_sha256(path))
 
 
-def local_data(source: str | None, split: dict, held: list[int] | None = None) -> LocalData:
+def local_data(source: str | None, split: dict, held: list[int] | None = None,
+               holding: tuple[str, int, int, int] | None = None) -> LocalData:
     """The node's data; ``held`` (class ids) restricts it to the classes the node holds.
     A ``.npz`` source is an edge box's own data file (``write_box``); anything else is a
-    data set that the node carves exactly as the server does (simulation)."""
+    data set that the node carves exactly as the server does (simulation). ``holding``
+    (spec, node, nodes, seed; see ``papm_core.holdings``) first keeps only this simulated
+    node's part of every split; it becomes part of the data's fingerprint."""
     if source and str(source).endswith(".npz"):
         box = read_box(str(source))
         private, val, classes, fp = box.private, box.val, box.classes, box.fingerprint
     else:
         ds, c = _local(source, json.dumps(split, sort_keys=True))
         private, val, classes, fp = c.private, c.node_val, ds.classes, ds.key
+    if holding is not None:
+        spec, node, nodes, seed = holding
+        p = holdings.shares(spec, nodes, len(classes), seed)
+        private, val = (s.take(holdings.part(s.y, p, node, seed)) for s in (private, val))
+        fp = f"{fp}|holdings={spec};node={node}/{nodes};seed={seed}"
     if held is not None:
         private, val = private.shard(held), val.shard(held)
     return LocalData(private, val, classes, fp)
+
+
+def holding_of(data: LocalData) -> tuple[list[int], list[int]]:
+    """(classes, training images of each) that a node with fixed data holds: the classes
+    with training and held-out images."""
+    counts = torch.bincount(data.private.y.cpu(), minlength=len(data.classes))
+    present = set(data.val.y.unique().tolist())
+    held = [c for c in range(len(data.classes)) if counts[c] > 0 and c in present]
+    return held, [int(counts[c]) for c in held]
 
 
 def make_box(path: Path, base_meta: dict, data: str | None, classes: list[int] | None,
@@ -136,8 +153,7 @@ def make_box(path: Path, base_meta: dict, data: str | None, classes: list[int] |
 
 def box_classes(source: str) -> list[int]:
     """The class ids an edge box holds: those with validation and training images."""
-    box = read_box(str(source))
-    return sorted(set(box.val.y.unique().tolist()) & set(box.private.y.unique().tolist()))
+    return holding_of(read_box(str(source)))[0]
 
 
 def held_classes(num_classes: int, partition: int, partitions: int, deal_seed: int = 0) -> list[int]:

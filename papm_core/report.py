@@ -129,7 +129,9 @@ def device_rows(res: dict[int, dict], base: dict) -> list[dict]:
             b_own = base_own_acc(base, d["classes"]) if d["classes"] else None
             blocks = d.get("latency_blocks_ms")
             rows.append({"N": n, "device": d["device"], "node": d.get("node"),
-                         "classes": "-".join(map(str, d["classes"])), "own acc %": d.get("test_own_acc"),
+                         "classes": "-".join(map(str, d["classes"])),
+                         "not held": "-".join(map(str, d.get("not_held") or [])) or None,
+                         "train images": d.get("images"), "own acc %": d.get("test_own_acc"),
                          "base own acc %": b_own, "specialisation gain": _diff(d.get("test_own_acc"), b_own),
                          "all-class acc %": d.get("test_acc"), "val acc %": d.get("val_acc"),
                          "params": d.get("params"), "MB": d.get("file_mb"),
@@ -140,6 +142,16 @@ def device_rows(res: dict[int, dict], base: dict) -> list[dict]:
                          "built": "reused" if d.get("reused") else ("new" if d.get("key") else "—"),
                          "masked": d.get("masked")})
     return rows
+
+
+def holdings_note(res: dict[int, dict]) -> str:
+    """Which data the nodes held (``sim.holdings``; a box holds its own)."""
+    kinds = sorted({h for r in res.values() for h in r.get("holdings") or ["group"]})
+    if kinds == ["group"]:
+        return ("Each simulated node held exactly its group's shard (`sim.holdings = group`).\n\n")
+    return (f"Node holdings: **{', '.join(kinds)}** (see `papm_core/holdings.py`): each group went to the "
+            "node holding most of its images, which trained on the images of its classes that it held "
+            "(`train images`; `not held`: the group's classes it had none of).\n\n")
 
 
 def incomplete_lines(res: dict[int, dict]) -> str:
@@ -263,6 +275,7 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
           "`specialisation gain` is a device's test accuracy on its own classes minus the base model's on "
           "the same classes; `val acc` is its accuracy on the server's validation split (every class), "
           "which picks the best single device.\n\n",
+          holdings_note(res),
           f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
           "\n## Wall time per device count and round (s)\n", _table(timing),
           "\n## Rounds over the network: node compute and everything else\n",

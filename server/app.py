@@ -15,6 +15,7 @@ Example: ``flwr run . --run-config 'devices=2 preset="smoke"' --federation-confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from clients.runconfig import RunConfig
-from papm_core import checkpoint
+from papm_core import checkpoint, holdings
 from papm_core.config import claim_folder, from_dict, load_all, preset_label, to_dict
 from papm_core.data import load_dataset
 from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
@@ -161,6 +162,8 @@ def main(grid: Grid, context: Context) -> None:
 
     t0 = time.monotonic()
     cfg = resolved_config(run)
+    if run.by_flwr:  # a plain flwr run: how nodes hold data is a run-config key, as for the nodes
+        cfg["sim"] = dataclasses.replace(cfg["sim"], holdings=run.holdings, deal_seed=run.deal_seed).validate()
     ds_all = load_dataset(run.data or None)
     data_key = ds_all.key
     settings = {**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": data_key}}
@@ -177,6 +180,7 @@ def main(grid: Grid, context: Context) -> None:
     ds, ref, val = server_data(run.data or None, split)
     if not 1 <= n <= len(ds.classes):
         raise PapmError(f"device count {n} is outside [1, {len(ds.classes)}]")
+    holdings.check(cfg["sim"].holdings, n, len(ds.classes))
     base_fig = base_figures(base, base_path, test_split(ds, cfg["sim"]), out, cfg["sim"].latency_runs,
                             run.client_threads if run.simulated else 0,
                             {"data": ds.key, "test_per_class": cfg["sim"].test_per_class})

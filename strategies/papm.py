@@ -94,6 +94,8 @@ class PapmStrategy:
         self.groups: list[list[int]] = []     # device -> its classes
         self.similarity: np.ndarray | None = None
         self.simulated = True            # every node a simulated one (not an edge box)
+        self.fixed = False               # some node's data is fixed (box, non-IID holdings)
+        self.holdings: list[str] = []    # the holdings the nodes reported
 
     # --- transport --------------------------------------------------------------------
     def _exchange(self, grid: Grid, name: str, msgs: dict[int, tuple[str, object]], timeout: float,
@@ -177,6 +179,10 @@ class PapmStrategy:
         rep = {order.index(d): r for d, r in rep.items()}
         self.node_names = {d: r["ident"]["name"] for d, r in rep.items()}
         self.held = {d: r["ident"]["held"] for d, r in rep.items()}
+        # fixed data: an edge box, or a simulated node under non-IID holdings (sim.holdings)
+        self.fixed = any(r["ident"].get("holdings", "group") != "group" or not r["ident"]["simulated"]
+                         for r in rep.values())
+        self.holdings = sorted({str(r["ident"].get("holdings", "group")) for r in rep.values()})
         if cached:
             self.similarity = np.asarray(cached["similarity"])
             groups = [list(g) for g in cached["groups"]]
@@ -191,13 +197,26 @@ class PapmStrategy:
             self.similarity = similarity(stats, self.sim.grouping)
             groups = group_classes(stats, self.n, self.sim.grouping, self.sim.max_group_size or None)
         self.simulated = all(r["ident"]["simulated"] for r in rep.values())
-        assign = match_groups(groups, None if self.simulated else [self.held.get(d, []) for d in range(self.n)])
+        held = [self._held_counts(rep.get(d)) for d in range(self.n)] if self.fixed else None
+        assign = match_groups(groups, held)
         self.groups = [groups[assign[d]] for d in range(self.n)]
         return groups
+
+    @staticmethod
+    def _held_counts(reply: dict | None) -> dict[int, int]:
+        """class -> training images a node reported (1 per class where it sent no counts)."""
+        if reply is None:
+            return {}
+        ident = reply["ident"]
+        counts = ident.get("held_n") or [1] * len(ident["held"])
+        return dict(zip((int(c) for c in ident["held"]), (int(n) for n in counts)))
 
     def _parse_stats(self, identify_only: bool):
         def parse(dev, rep):
             cfg = wire.config_of(rep.content, ("name", "partition", "held", "simulated"))
+            held, held_n = cfg["held"], cfg.get("held_n") or []
+            if held_n and (len(held_n) != len(held) or min(held_n) < 0):
+                raise wire.WireError(f"held_n {held_n[:10]} does not count the held classes {held[:10]}")
             if identify_only:
                 return {"ident": cfg}
             k = len(self.ds.classes)
@@ -283,14 +302,15 @@ class PapmStrategy:
         rows = []
         for d in range(self.n):
             group = self.groups[d] if d < len(self.groups) else []
-            # a simulated node holds its group's shard once grouped; a box holds what it reported
-            held = group if self.simulated else self.held.get(d, [])
+            # a simulated group node holds its group's shard once grouped; a node with fixed
+            # data (box, non-IID holdings) holds what it reported
+            held = self.held.get(d, []) if self.fixed else group
             row = {"device": d, "node": self.node_names.get(d), "classes": group, "held": held,
                    "not_held": [c for c in group if c not in held], "key": self.keys.get(d),
                    "masked": d in self.masked}
             if d in pruned:
                 rep = pruned[d]["report"]
-                row.update(reused=pruned[d]["reused"],
+                row.update(reused=pruned[d]["reused"], images=pruned[d].get("images"),
                            **{k: rep.get(k) for k in ("params", "reduction", "param_mb", "finetune_seconds")})
             if d in ev:
                 e = ev[d]
@@ -327,7 +347,8 @@ class PapmStrategy:
                             f"{m['reason']}" for m in missing]
         compute = {log.name: {self.node_names.get(d, str(d)): round(t, 3) for d, t in log.compute.items()}
                    for log in self.rounds}
-        return {"devices": self.n, "groups": self.groups, "fusion": {**metrics, **fused},
+        return {"devices": self.n, "groups": self.groups, "holdings": self.holdings,
+                "fusion": {**metrics, **fused},
                 "fleet": {k: v for k, v in fleet.items() if k != "device_val_acc"},
                 "per_device": self.device_rows(pruned, ev, fleet),
                 "incomplete": self.incomplete, "missing": missing,

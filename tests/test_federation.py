@@ -111,6 +111,15 @@ def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
         merged = merge_stats(parts)
         stats.append(merged)
         groupings.append({k: group_classes(merged, k) for k in (2, 3, 5)})
+    for spec in ("dirichlet:0.5", "classes:3"):  # non-IID holdings: each node's stats, all its images
+        parts = []
+        for i in range(4):
+            data = local_data(source, split, None, (spec, i, 4, 0))
+            present = sorted(set(data.val.y.unique().tolist()))
+            parts.append(local_stats(base, local_data(source, split, present, (spec, i, 4, 0)), present))
+        merged = merge_stats(parts)
+        assert np.allclose(merged.outer_sum, stats[0].outer_sum) and np.array_equal(merged.count, stats[0].count)
+        groupings.append({k: group_classes(merged, k) for k in (2, 3, 5)})
     assert all(g == groupings[0] for g in groupings)
     assert np.allclose(stats[0].outer_sum, stats[1].outer_sum)
     from papm_core.specialize import reference_splits
@@ -149,7 +158,35 @@ def test_match_groups_for_boxes_and_simulation():
 
     assert match_groups([[0, 1], [2]], None) == [0, 1]
     # box 0 holds class 2, box 1 holds 0 and 1: each group goes to the box with its classes
-    assert match_groups([[0, 1], [2]], [[2], [0, 1]]) == [1, 0]
+    assert match_groups([[0, 1], [2]], [{2: 1}, {0: 1, 1: 1}]) == [1, 0]
+    # non-IID holdings: both nodes hold every class; a group goes where most of its images are
+    assert match_groups([[0, 1], [2]], [{0: 90, 1: 80, 2: 10}, {0: 10, 1: 20, 2: 5}]) == [0, 1]
+    assert match_groups([[0, 1], [2]], [{0: 10, 1: 20, 2: 5}, {0: 90, 1: 80, 2: 10}]) == [1, 0]
+
+
+def test_holdings_partition_every_image_once_and_fail_early():
+    from papm_core.holdings import check, part, shares
+    from papm_core.util import PapmError
+
+    y = torch.arange(10).repeat_interleave(37)[torch.randperm(370, generator=torch.Generator().manual_seed(1))]
+    for spec, nodes in (("dirichlet:0.5", 4), ("dirichlet:100", 3), ("classes:2", 5), ("classes:3", 4)):
+        p = shares(spec, nodes, 10, seed=0)
+        assert p.shape == (10, nodes) and np.allclose(p.sum(1), 1)
+        assert np.array_equal(p, shares(spec, nodes, 10, seed=0)) and not np.array_equal(p, shares(spec, nodes, 10, 1))
+        parts = [part(y, p, i, seed=0) for i in range(nodes)]
+        idx = torch.cat(parts)
+        assert sorted(idx.tolist()) == list(range(370))  # disjoint, and every image held
+        held = [sorted(set(y[q].tolist())) for q in parts]
+        if spec.startswith("classes"):
+            assert all(len(h) == int(spec[-1]) for h in held)
+    assert shares("classes:2", 1, 10, 0).tolist() == [[1.0]] * 10  # N = 1 holds everything
+    even = shares("dirichlet:100", 3, 10, seed=0)  # large A: nearly IID
+    assert np.abs(even - 1 / 3).max() < 0.15
+    for spec, nodes, what in (("classes:2", 4, "K >= 3"), ("classes:11", 2, "has 10"),
+                              ("dirichlet:0", 2, "out of range"), ("dirichlet", 2, "not understood"),
+                              ("iid", 2, "not understood"), ("classes:1.5", 10, "out of range")):
+        with pytest.raises(PapmError, match=what):
+            check(spec, nodes, 10)
 
 
 def test_latency_is_timed_alone_on_a_shared_machine(tmp_path):
@@ -179,7 +216,9 @@ def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
                       (["--devices", "0-3"], "outside [1, 10]"),
                       (["--devices", "11"], "outside [1, 10]"),
                       (["--preset", "nope"], "unknown preset"),
-                      (["--set", "noequals"], "STAGE.KEY=VALUE")):
+                      (["--set", "noequals"], "STAGE.KEY=VALUE"),
+                      (["--devices", "2", "--set", "sim.holdings=classes:2"], "use K >= 5"),
+                      (["--set", "sim.holdings=iid"], "holdings 'iid' is not understood")):
         r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", tmp_path / "bad", *args)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -283,6 +322,32 @@ def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archiv
         fed = json.loads((out / f"n{n}" / "grouping.json").read_text())
         assert fed["groups"] == central["groups"][str(n)]
         assert np.allclose(fed["similarity"], central["similarity"], atol=1e-9)
+
+
+@pytest.mark.slow
+def test_non_iid_holdings_run_and_report(smoke_run, tmp_path, shared_archive):
+    """classes:5 at N = 2: each simulated node holds 5 classes of its own, the groups go to
+    the nodes by the images they hold, each trains on what it holds; N = 1 holds all."""
+    out, _ = smoke_run
+    run = tmp_path / "holdings"
+    r = run_sim("--preset", "smoke", "--data", shared_archive, "--base", out / "base.pt", "--out", run,
+                "--devices", "2", "--set", "sim.holdings=classes:5")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    one = json.loads((run / "n1" / "result.json").read_text())
+    assert one["holdings"] == ["classes:5"] and one["per_device"][0]["held"] == list(range(10))
+    res = json.loads((run / "n2" / "result.json").read_text())
+    assert res["incomplete"] == [] and res["holdings"] == ["classes:5"]
+    rows = res["per_device"]
+    assert all(len(d["held"]) == 5 for d in rows)
+    assert sorted(c for d in rows for c in d["held"]) == list(range(10))  # every class, once
+    for d in rows:
+        assert d["not_held"] == [c for c in d["classes"] if c not in d["held"]]
+        assert 0 < d["images"] < one["per_device"][0]["images"]
+    # each group went to the node holding more of its classes (images split evenly here)
+    overlap = [len(set(d["classes"]) & set(d["held"])) for d in rows]
+    swapped = [len(set(rows[1 - i]["classes"]) & set(d["held"])) for i, d in enumerate(rows)]
+    assert sum(overlap) >= sum(swapped)
+    assert "Node holdings: **classes:5**" in (run / "REPORT.md").read_text()
 
 
 @pytest.mark.slow

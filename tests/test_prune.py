@@ -217,3 +217,23 @@ def test_fixed_threshold_and_channel_rank():
     # the original rule counts channels: r = 0.5 of 8 channels -> the 4 highest APoZ go
     keep, t = channel_rank_keep(ap, 0.5, min_channels=1)
     assert t == pytest.approx(0.95) and keep == {"u": [0, 1, 2, 4], "v": [2]}  # v: min_channels
+
+
+def test_fp32_cpu_fine_tuning_never_takes_an_odd_batch():
+    """oneDNN's 1x1 stride-2 convolution backward corrupts memory on odd fp32 channels_last
+    batches at 2 threads (torch 2.14.1): fp32 on CPU trims them; bf16 keeps every image."""
+    from papm_core.config import PruneConfig
+    from papm_core.data import Split
+    from papm_core.finetune import _train_batches
+
+    x = torch.zeros(83, 3, 32, 32, dtype=torch.uint8)
+    s = Split("shard", x, torch.arange(83) % 2, ["a", "b"])
+    for augment in ("flip", "crop+flip"):
+        sizes = {p: [len(b[1]) for b in _train_batches(s, PruneConfig(classes=[0], batch_size=64, precision=p,
+                                                                         augment=augment),
+                                                       torch.Generator().manual_seed(0))]
+                 for p in ("fp32", "bf16")}
+        assert sizes == {"fp32": [64, 18], "bf16": [64, 19]}
+        one = Split("shard", x[:1], torch.zeros(1, dtype=torch.long), ["a", "b"])
+        assert [len(b[1]) for b in _train_batches(one, PruneConfig(classes=[0], precision="fp32"),
+                                                  torch.Generator())] == [1]
