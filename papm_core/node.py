@@ -104,7 +104,7 @@ def local_data(source: str | None, split: dict, held: list[int] | None = None,
     else:
         ds, c = _local(source, json.dumps(split, sort_keys=True))
         private, val, classes, fp = c.private, c.node_val, ds.classes, ds.key
-    if holding is not None:
+    if holding is not None and holding[2] > 1:  # one node holds everything: the same data, key
         spec, node, nodes, seed = holding
         p = holdings.shares(spec, nodes, len(classes), seed)
         private, val = (s.take(holdings.part(s.y, p, node, seed)) for s in (private, val))
