@@ -225,13 +225,13 @@ def cmd_eval(args) -> int:
         return cmd_eval_split(args)
     if not args.ckpt:
         raise PapmError("give a checkpoint to evaluate, or --split HEAD for a fused system")
-    from rich.table import Table
-
+    if args.ckpt.endswith(".onnx"):
+        return cmd_eval_onnx(args)
     from . import checkpoint
     from .data import load_dataset
     from .evaluate import accuracy, latency_ms, throughput
     from .models import count_params
-    from .util import resolve_device, write_json
+    from .util import resolve_device
 
     if args.runs < 1 or args.batch_size < 1:
         raise PapmError("--runs and --batch-size must be positive")
@@ -248,24 +248,44 @@ def cmd_eval(args) -> int:
     thr = throughput(model, args.batch_size, device=device)
     res = {"ckpt": str(args.ckpt), "kind": meta.get("kind"), "test_acc": acc.overall,
            "test_per_class": acc.per_class, "params": count_params(model),
-           "param_mb": checkpoint.param_mb(model), "file_mb": checkpoint.file_mb(args.ckpt),
+           "test_images": acc.n, "param_mb": checkpoint.param_mb(model), "file_mb": checkpoint.file_mb(args.ckpt),
            "latency": lat, "throughput": thr}
+    _print_eval(args, res, served, f"params {res['params']:,}  |  {res['param_mb']:.2f} MB weights, file "
+                                   f"{res['file_mb']:.2f} MB (MB = 2^20 bytes)")
+    return 0
+
+
+def _print_eval(args, res: dict, served: list[int], size_line: str) -> None:
+    from rich.table import Table
+
+    from .util import write_json
+
+    lat, thr = res["latency"], res["throughput"]
     console = _console()
-    table = Table(title=f"{Path(args.ckpt).name}: test accuracy per class ({acc.n} images)")
+    table = Table(title=f"{Path(args.ckpt).name}: test accuracy per class ({res['test_images']} images)")
     table.add_column("class")
     table.add_column("name")
     table.add_column("acc %", justify="right")
-    for cid, (name, a) in zip(served, acc.per_class.items()):
+    for cid, (name, a) in zip(served, res["test_per_class"].items()):
         table.add_row(str(cid), name, f"{a:.2f}")
-    table.add_row("all", "", f"[bold]{acc.overall:.2f}[/]")
+    table.add_row("all", "", f"[bold]{res['test_acc']:.2f}[/]")
     console.print(table)
-    console.print(f"params {res['params']:,}  |  {res['param_mb']:.2f} MB weights, file "
-                  f"{res['file_mb']:.2f} MB (MB = 2^20 bytes)")
+    console.print(size_line)
     console.print(f"batch-1 latency {lat['median_ms']:.2f} ms median (p90 {lat['p90_ms']:.2f}) over "
                   f"{lat['runs']} runs on {lat['device']}, {lat['threads']} threads")
     console.print(f"throughput {thr['images_per_s']:.0f} img/s at batch {thr['batch_size']}")
     if args.json:
         write_json(args.json, res)
+
+
+def cmd_eval_onnx(args) -> int:
+    from .export import evaluate_onnx
+
+    if args.runs < 1 or args.batch_size < 1:
+        raise PapmError("--runs and --batch-size must be positive")
+    res = evaluate_onnx(args.ckpt, args.data, args.runs, args.batch_size)
+    _print_eval(args, res, res["classes"], f"{res['precision']} ONNX file {res['file_mb']:.2f} MB "
+                                           "(MB = 2^20 bytes), run by onnxruntime")
     return 0
 
 
@@ -312,13 +332,17 @@ def _add_shard(sub) -> None:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="export a base or device checkpoint to ONNX, checked against PyTorch",
-                       description="Write an ONNX file (fp32, dynamic batch) of a checkpoint; it is written "
-                                   "only if its logits match PyTorch's within 1e-3 on real images.")
+                       description="Write an ONNX file (fp32, or int8 with --int8; dynamic batch) of a "
+                                   "checkpoint; it is written only if its fp32 logits match PyTorch's within "
+                                   "1e-3 on real images.")
     p.add_argument("ckpt", help="a checkpoint from papm train or papm prune")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="the edge runtime's format")
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--data", help="images for the parity check (default $PAPM_DATA, else download)")
     p.add_argument("--images", type=int, default=512, help="real images the parity check runs on")
+    p.add_argument("--int8", action="store_true", help="static int8 quantisation with onnxruntime, calibrated "
+                                                       "on training images of the model's own classes")
+    p.add_argument("--calib-images", type=int, default=256, help="with --int8: calibration images")
     p.set_defaults(func=cmd_export)
 
 
@@ -327,10 +351,16 @@ def cmd_export(args) -> int:
 
     if not args.out.endswith(".onnx"):
         raise PapmError(f"--out {args.out}: an ONNX file must end in .onnx")
-    if args.images < 1:
-        raise PapmError(f"--images must be >= 1, got {args.images}")
-    r = export_onnx(args.ckpt, args.out, args.data, args.images)
-    print(f"wrote {r['path']} ({r['mb']:.2f} MB); against PyTorch on {r['images']} real images: "
+    if args.images < 1 or args.calib_images < 1:
+        raise PapmError(f"--images and --calib-images must be >= 1, got {args.images} and {args.calib_images}")
+    r = export_onnx(args.ckpt, args.out, args.data, args.images, int8=args.int8, calib_images=args.calib_images)
+    q = r.get("int8")
+    if q:
+        print(f"int8, calibrated on {q['calib_images']} training images of its classes; on {q['images']} "
+              f"validation images: top-1 agreement with fp32 {q['top1_agreement']:.2f} %, accuracy "
+              f"{q['fp32_val_acc']:.2f} -> {q['int8_val_acc']:.2f} % on all classes, "
+              f"{q['fp32_own_val_acc']:.2f} -> {q['int8_own_val_acc']:.2f} % on its own ({q['own_images']} images)")
+    print(f"wrote {r['path']} ({r['mb']:.2f} MB); fp32 graph against PyTorch on {r['images']} real images: "
           f"max |Δ logit| {r['max_abs_logit_diff']:.1e}, top-1 agreement {r['top1_agreement']:.2f} %")
     return 0
 
