@@ -108,6 +108,8 @@ def _add_prune(sub) -> None:
     for name, typ, hlp in [
             ("--params-reduction", float, "target 1 - P/P0, met within [r, r+0.005] (default 0.77)"),
             ("--target-size-mb", float, "instead: the saved file must be at most this many MB"),
+            ("--target-latency-ms", float, "instead: batch-1 latency here, in --runtime, at most this many ms"),
+            ("--budget", str, "one of the above in one syntax: 0.77, 1.2MB or 2.5ms"),
             ("--alpha", float, "weight of the L2 term (0 = APoZ only, 1 = L2 only; default 0.5)"),
             ("--threshold", float, "fixed APoZ threshold (with --search threshold)"),
             ("--min-channels", int, "fewest channels any layer keeps (default 8)"),
@@ -131,9 +133,17 @@ def _add_prune(sub) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 "
                         "(AMX, AVX512-BF16), else fp32")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime", "onnxruntime-int8"],
+                   help="what the device runs the model in; a latency budget is met in it (default torch)")
     p.add_argument("--device")
     p.add_argument("--out-dir", help="default checkpoints/")
     p.set_defaults(func=cmd_prune)
+
+
+def _budget_text(cfg) -> str:
+    if cfg.target_latency_ms is not None:
+        return f"{cfg.target_latency_ms:g} ms in {cfg.runtime}"
+    return f"{cfg.target_size_mb:g} MB" if cfg.target_size_mb is not None else f"r={cfg.params_reduction}"
 
 
 def cmd_prune(args) -> int:
@@ -145,11 +155,15 @@ def cmd_prune(args) -> int:
     from .specialize import device_data, prune, save_result, test_figures
     from .util import precision_line, resolve_device
 
-    keys = ("data", "classes", "params_reduction", "target_size_mb", "alpha", "threshold",
-            "min_channels", "round_to", "calib_size", "epochs", "min_steps", "batch_size", "lr",
+    keys = ("data", "classes", "params_reduction", "target_size_mb", "target_latency_ms", "runtime", "alpha",
+            "threshold", "min_channels", "round_to", "calib_size", "epochs", "min_steps", "batch_size", "lr",
             "ref_size", "ce_weight", "augment", "seed", "search", "criterion", "scope", "recipe", "device",
             "precision", "out_dir")
     cfg = load_preset(args.preset, "prune", **{k: getattr(args, k) for k in keys})
+    if args.budget is not None:
+        from . import budget
+
+        cfg = budget.apply(cfg, budget.parse(args.budget, "--budget")).validate()
     dev = resolve_device(cfg.device)
     base, meta = checkpoint.load(args.base, dev)
     ds = load_dataset(cfg.data)
@@ -158,7 +172,7 @@ def cmd_prune(args) -> int:
     data = device_data(ds, meta, cfg, dev)
     console = _console()
     console.print(f"[bold]papm prune[/] {precision_line(dev, cfg.precision)}; classes {cfg.classes} "
-                  f"r={cfg.params_reduction} alpha={cfg.alpha} "
+                  f"budget {_budget_text(cfg)} alpha={cfg.alpha} "
                   f"scope={cfg.scope} recipe={cfg.recipe}: shard {len(data.shard)} images, "
                   f"held out {len(data.val)}, calib {len(data.calib)}, public ref {len(data.ref)}")
     res = prune(base, data, cfg, on_epoch=lambda h: console.print(  # selection: the device's own held-out images
@@ -180,9 +194,15 @@ def cmd_prune(args) -> int:
         table.add_row(row["unit"], str(row["kept"]), str(row["total"]),
                       f"{100 * row['kept'] / row['total']:.0f}", f"{r['apoz'][row['unit']]['mean']:.3f}")
     console.print(table)
-    console.print(f"threshold {r['threshold']:.4f}  reduction {r['reduction']:.4f} (target "
-                  f"{cfg.params_reduction})  params {r['params']:,} / {r['base_params']:,}  file "
+    console.print(f"threshold {r['threshold']:.4f}  reduction {r['reduction']:.4f} (budget "
+                  f"{_budget_text(cfg)})  params {r['params']:,} / {r['base_params']:,}  file "
                   f"{r['file_mb']:.2f} MB  scoring+search+slim {r['prune_seconds']:.1f} s")
+    if "latency_search" in r:
+        ls = r["latency_search"]
+        console.print(f"latency budget {ls['target_ms']:g} ms in {ls['runtime']}: {ls['achieved_ms']:.2f} ms "
+                      f"(± {ls['spread_ms']:.2f}; base {ls['base_ms']:.2f}, smallest {ls['smallest_ms']:.2f}) at "
+                      f"reduction {ls['reduction']:.3f}; {len(ls['candidates'])} candidates timed in "
+                      f"{ls['seconds']:.0f} s")
     console.print(f"test accuracy: all classes {r['test_acc']:.2f}%, own classes {r['test_own_acc']:.2f}%"
                   f"  (selection: validation, epoch {r['finetune']['best_epoch'] if r['finetune'] else 0})")
     console.print(f"saved {path} and {path.with_suffix('.json')}")

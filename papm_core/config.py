@@ -68,6 +68,7 @@ class TrainConfig:
 
 SCOPES = ("shard", "shard+public", "all")
 AUGMENTS = ("crop+flip", "flip")
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")  # what a device model runs in
 
 
 @dataclass
@@ -78,6 +79,8 @@ class PruneConfig:
     classes: list[int] = field(default_factory=list)  # the device's global class ids
     params_reduction: float = 0.77   # target 1 - P/P0; met within [r, r + 0.005]
     target_size_mb: float | None = None  # alternative target: saved file <= this (MB = 2**20 B)
+    target_latency_ms: float | None = None  # alternative target: batch-1 ms here, in `runtime`
+    runtime: str = "torch"           # what the device runs: torch | onnxruntime | onnxruntime-int8
     alpha: float = 0.5               # weight of the normalised L2 term (1 - alpha: 1 - APoZ)
     criterion: str = "papm"          # papm | random (a baseline for benchmarks)
     search: str = "auto"             # auto (exact budget) | channel-rank (original rule) | threshold
@@ -129,6 +132,11 @@ class PruneConfig:
                   (self.calib_size >= 1, "--calib-size must be >= 1"),
                   (0 < self.node_val < 0.5, f"prune.node_val must lie in (0, 0.5), got {self.node_val}"),
                   (self.target_size_mb is None or self.target_size_mb > 0, "--target-size-mb must be positive"),
+                  (self.target_latency_ms is None or self.target_latency_ms > 0,
+                   "--target-latency-ms must be positive"),
+                  (self.target_size_mb is None or self.target_latency_ms is None,
+                   "give one budget: --target-size-mb or --target-latency-ms, not both"),
+                  (self.runtime in RUNTIMES, f"--runtime must be one of {', '.join(RUNTIMES)}"),
                   (len(self.classes) == len(set(self.classes)), f"duplicate class ids in {self.classes}"),
                   (bool(self.classes), "--classes is required: the device's class ids")]
         return _check(self, checks)

@@ -116,12 +116,17 @@ def _tag(path: Path, meta: dict, precision: str) -> None:
     onnx.save(proto, str(path))
 
 
-def _write(model: nn.Module, meta: dict, path: Path) -> None:
+def _graph(model: nn.Module, path: Path) -> None:
+    _runtime()
     x = torch.zeros(2, 3, 32, 32)
     prog = torch.onnx.export(Exported(model).eval(), (x,), dynamo=True, input_names=["images"],
                              output_names=["logits", "embedding"],
                              dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     prog.save(str(path))
+
+
+def _write(model: nn.Module, meta: dict, path: Path) -> None:
+    _graph(model, path)
     _tag(path, meta, "fp32")
 
 
@@ -157,7 +162,7 @@ def _reader(x: np.ndarray, batch: int = 32):
     return Reader()
 
 
-def quantize(fp32: Path, out: Path, calib: np.ndarray, meta: dict) -> None:
+def quantize(fp32: Path, out: Path, calib: np.ndarray) -> None:
     """Static int8 quantisation of ``fp32`` into ``out``, calibrated on images ``calib``."""
     _runtime()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -168,7 +173,6 @@ def quantize(fp32: Path, out: Path, calib: np.ndarray, meta: dict) -> None:
     quantize_static(str(pre), str(out), _reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                     calibrate_method=CalibrationMethod.MinMax)
-    _tag(out, meta, "int8")
 
 
 def _splits(meta: dict, data: str | None) -> tuple[Split, Split, list[int]]:
@@ -227,7 +231,8 @@ def export_onnx(ckpt: str | Path, out: str | Path, data: str | None = None, imag
             if int8:
                 calib, val, served = _splits(meta, data)
                 calib = subsample(calib, math.ceil(calib_images / len(served)), seed=0)
-                quantize(final, scratch / "int8.onnx", normalize(calib.x[:calib_images]).numpy(), meta)
+                quantize(final, scratch / "int8.onnx", normalize(calib.x[:calib_images]).numpy())
+                _tag(scratch / "int8.onnx", meta, "int8")
                 result["int8"] = {"calib_images": min(calib_images, len(calib)),
                                   **int8_check(final, scratch / "int8.onnx", val, served)}
                 final = scratch / "int8.onnx"
@@ -248,6 +253,20 @@ def onnx_latency_ms(path: str | Path, runs: int = 200, warmup: int = 20, blocks:
         sess.run(None, {"images": x})
     return {**quietest_median_ms(lambda: sess.run(None, {"images": x}), runs, blocks),
             "device": "cpu (onnxruntime)", "threads": torch.get_num_threads()}
+
+
+def candidate_latency_ms(model: nn.Module, int8: bool, calib: torch.Tensor, runs: int = 200) -> list[float]:
+    """Two batch-1 timings (ms, fresh sessions) of ``model`` exported to onnxruntime, int8
+    (calibrated on normalised images ``calib``) if ``int8``: the latency search's candidates."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.onnx"
+        _graph(model, path)
+        if int8:
+            quantize(path, Path(d) / "int8.onnx", calib.float().numpy())
+            path = Path(d) / "int8.onnx"
+        return [onnx_latency_ms(path, runs)["median_ms"] for _ in range(2)]
 
 
 def evaluate_onnx(path: str | Path, data: str | None = None, runs: int = 200, batch_size: int = 256) -> dict:

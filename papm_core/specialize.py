@@ -10,7 +10,6 @@ Example: ``papm prune --base checkpoints/base.pt --classes 3 5 --params-reductio
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint
+from . import budget, checkpoint
 from .config import PruneConfig, to_dict
 from .data import Dataset, Split, base_val_size, carve, fit_split, subsample, train_val_split
 from .evaluate import accuracy
 from .finetune import finetune
+from .loader import normalize
 from .models import count_params, spec_params
 from .prune import apoz, channel_rank_keep, keep_by_threshold, papm_scores, search_keep, slim, units, weight_norms
 from .util import PapmError, resolve_device, resolve_precision, write_json
@@ -129,35 +129,20 @@ def choose_keep(base: nn.Module, calib: Split, cfg: PruneConfig) -> tuple[dict, 
     elif cfg.search == "channel-rank":
         keep, thr = channel_rank_keep(a, cfg.params_reduction, cfg.min_channels)
     elif cfg.target_size_mb is not None:
-        keep, thr = _fit_size(base, scores, cfg)
+        keep, thr = budget.fit_size(base, scores, cfg)
+    elif cfg.target_latency_ms is not None:  # timed here: on an edge box, the box itself
+        keep, thr, search = budget.fit_latency(base, scores, cfg, normalize(calib.x[:256].cpu()))
     else:
         keep, thr = search_keep(base, scores, cfg.params_reduction, cfg.min_channels, cfg.round_to)
     info = {"threshold": float(thr), "apoz": {k: _stats(v) for k, v in a.items()},
             "score_seconds": t1 - t0, "search_seconds": time.perf_counter() - t1}
+    if cfg.target_latency_ms is not None:
+        info["latency_search"] = search
     return keep, info
 
 
 def _stats(v: np.ndarray) -> dict:
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
-
-
-def _file_bytes(model: nn.Module) -> int:
-    buf = io.BytesIO()
-    torch.save({k: t.cpu() for k, t in model.state_dict().items()}, buf)
-    return buf.tell()
-
-
-def _fit_size(base, scores, cfg: PruneConfig) -> tuple[dict, float]:
-    """Smallest reduction (0.5-point steps) whose slimmed file fits ``target_size_mb``,
-    starting from the proportional estimate 1 - budget / base file size."""
-    budget = cfg.target_size_mb * checkpoint.MB - 64 * 1024  # bytes; 64 KB for metadata
-    r = max(0.005, 1 - budget / max(1.0, _file_bytes(base)))
-    while r < 1.0:
-        keep, thr = search_keep(base, scores, r, cfg.min_channels, cfg.round_to)
-        if _file_bytes(slim(base, keep)) <= budget:
-            return keep, thr
-        r += 0.005
-    raise PapmError(f"no pruning fits {cfg.target_size_mb} MB under --min-channels {cfg.min_channels}")
 
 
 def prune(base: nn.Module, data: DeviceData, cfg: PruneConfig, on_epoch=None,
@@ -202,8 +187,8 @@ def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_
                 base_info: dict | None = None) -> Path:
     """Write the device checkpoint and its JSON report; ``base_info`` records the base
     model's hash and data split, so fusion rebuilds the same reference/validation sets."""
-    name = output_name(cfg.classes, cfg.params_reduction if cfg.target_size_mb is None
-                       else res.report["reduction"])
+    exact = cfg.target_size_mb is None and cfg.target_latency_ms is None
+    name = output_name(cfg.classes, cfg.params_reduction if exact else res.report["reduction"])
     path = Path(out_dir) / f"{name}.pt"
     meta = dict(class_names=class_names, metrics=res.report, config=to_dict(cfg),
                 extra={"served_classes": list(cfg.classes), "base": base_info or {},

@@ -189,6 +189,9 @@ def test_prune_cli_end_to_end(tiny):
     (["--classes", "7"], "unknown class ids [7]"),
     (["--classes", "1", "1"], "duplicate class ids"),
     (["--classes", "1", "--params-reduction", "0.999"], "cannot reach"),
+    (["--classes", "1", "--budget", "2kb"], "--budget = '2kb': expected a parameter reduction"),
+    (["--classes", "1", "--target-size-mb", "1", "--target-latency-ms", "2"], "give one budget"),
+    (["--classes", "1", "--budget", "0.0001ms"], "out of reach here"),
 ])
 def test_prune_bad_input(tiny, args, msg):
     d, tree, base = tiny
