@@ -179,8 +179,9 @@ def prune_key(base_sha: str, classes: list[int], prune_cfg: dict, split: dict, d
     """Content key of one device model: base, classes, settings (device/out paths excluded)
     and the content hash of the node's data (``LocalData.fingerprint``)."""
     cfg = {k: v for k, v in prune_cfg.items() if k not in ("device", "out_dir", "data", "classes")}
-    if cfg.get("target_latency_ms") is None and cfg.get("runtime", "torch") == "torch":  # keys from before
-        cfg.pop("target_latency_ms", None), cfg.pop("runtime", None)  # the two settings stay valid
+    for k, unset in (("target_latency_ms", None), ("runtime", "torch")):  # settings newer than the store:
+        if cfg.get(k, unset) == unset:  # left at their defaults, they keep the models built before them
+            cfg.pop(k, None)
     blob = json.dumps({"base": base_sha, "classes": sorted(classes), "cfg": cfg, "split": split,
                        "data": data_fp}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
