@@ -37,9 +37,11 @@ from flwr.clientapp import ClientApp
 from clients import wire
 from clients.mods import compute_time, test_faults
 from clients.runconfig import RunConfig
-from papm_core.config import from_dict
+from papm_core import budget
+from papm_core.config import RUNTIMES, PruneConfig, from_dict
 from papm_core.data import Split
 from papm_core.finetune import epoch_images, finetune_epochs
+from papm_core.loader import normalize
 from papm_core.node import (
     embed_images,
     ensure_pruned,
@@ -50,6 +52,7 @@ from papm_core.node import (
     local_data,
     local_stats,
 )
+from papm_core.specialize import calibration
 from papm_core.util import PapmError, atomic_write
 
 app = ClientApp(mods=[compute_time, test_faults])  # compute_s on every reply; test-only faults
@@ -71,6 +74,14 @@ class Node:
         # fixed data (an edge box, or a simulated node under non-IID holdings): the node
         # trains on what it holds; otherwise it holds whichever group shard it is given
         self.fixed = self.holdings != "group"
+        # an edge box's own budget and runtime (its node config); the strategy plans with them
+        self.budget = str(nc.get("budget", "")).strip()
+        self.runtime = str(nc.get("runtime", "")).strip()
+        if self.budget:
+            budget.parse(self.budget, f"node config budget of {self.name}")
+        if self.runtime and self.runtime not in RUNTIMES:
+            raise PapmError(f"node config runtime of {self.name} = {self.runtime!r}: expected one of "
+                            f"{', '.join(RUNTIMES)}")
         threads = rc.client_threads
         if threads > 0:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
@@ -102,7 +113,7 @@ def stats(msg: Message, ctx: Context) -> Message:
     node = Node(ctx)
     cfg = wire.config_of(msg.content, ("split", "num_classes"))
     ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated,
-             "holdings": node.holdings}
+             "holdings": node.holdings, "budget": node.budget, "runtime": node.runtime}
     if node.fixed:  # what it holds decides which group it serves (image counts per class)
         data = node.data(cfg["split"])
         held, held_n = holding_of(data)
@@ -149,7 +160,7 @@ def prune(msg: Message, ctx: Context) -> Message:
                                          epochs=h.get("epochs", pcfg.epochs)))
     node.progress(stage="idle")
     keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
-            "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key")
+            "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key", "latency_search")
     return _reply(msg, {"name": node.name, "reused": reused, "path": str(path), "images": own,
                         "data_fingerprint": data.fingerprint, "report": {k: report.get(k) for k in keep}})
 
@@ -173,6 +184,11 @@ def embed(msg: Message, ctx: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, ctx: Context) -> Message:
     node, cfg, path = _stored_model(msg, ctx)
-    res = evaluate_images(path, wire.images(msg.content, "test"), node.store, int(cfg.get("latency_runs", 200)))
+
+    def calib(classes: list[int]):  # an int8 runtime's calibration: the node's own training images
+        shard = node.data(cfg["split"], classes).private
+        return normalize(calibration(shard, PruneConfig(classes=classes, calib_size=256)).x)
+    res = evaluate_images(path, wire.images(msg.content, "test"), node.store, int(cfg.get("latency_runs", 200)),
+                          calib if "split" in cfg else None)
     arrays = {"features": res.pop("features"), "pred": res.pop("pred")}
     return _reply(msg, {"name": node.name, "pid": os.getpid(), **res}, arrays)

@@ -25,6 +25,8 @@ class RunConfig:
     client_threads: int = 0        # torch threads per simulated client; 0 = torch's default
     deal_seed: int = 0             # how classes are dealt to nodes before grouping
     holdings: str = "group"        # simulated nodes' data (papm_core.holdings)
+    budgets: str = ""              # per-device budgets, cycled (sim.budgets): "0.5, 1.2MB, 2.5ms"
+    fleet_budget: str = ""         # "1.0x": devices' parameters sum to that multiple of the base's
     git_commit: str = ""           # the launcher's commit (the app itself runs from a FAB copy)
     engine: str = "simulation"     # how the nodes run, as written in the report
     test_fail_partition: int = -1  # test only: this simulated node (-2: every node) fails ...

@@ -66,6 +66,15 @@ def parse_list(text: str, where: str) -> list[Budget]:
     return [parse(t, where) for t in str(text).split(",") if t.strip()]
 
 
+def of(cfg: PruneConfig) -> Budget:
+    """The one target ``cfg`` prunes to, as a budget (the inverse of ``apply``)."""
+    if cfg.target_size_mb is not None:
+        return Budget("mb", cfg.target_size_mb)
+    if cfg.target_latency_ms is not None:
+        return Budget("ms", cfg.target_latency_ms)
+    return Budget("reduction", cfg.params_reduction)
+
+
 def apply(cfg: PruneConfig, b: Budget) -> PruneConfig:
     """``cfg`` with budget ``b`` as its one target (reduction, size or latency)."""
     if b.kind == "reduction":

@@ -141,9 +141,10 @@ def _add_prune(sub) -> None:
 
 
 def _budget_text(cfg) -> str:
-    if cfg.target_latency_ms is not None:
-        return f"{cfg.target_latency_ms:g} ms in {cfg.runtime}"
-    return f"{cfg.target_size_mb:g} MB" if cfg.target_size_mb is not None else f"r={cfg.params_reduction}"
+    from . import budget
+
+    b = budget.of(cfg)
+    return f"{b} in {cfg.runtime}" if b.kind == "ms" else str(b)
 
 
 def cmd_prune(args) -> int:

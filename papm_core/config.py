@@ -188,6 +188,8 @@ class SimConfig:
     client_cpus: float = 0.0         # CPUs per simulated client; 0 = all (clients run one at a time)
     deal_seed: int = 0               # how classes are dealt to nodes before grouping
     holdings: str = "group"          # simulated nodes' data: group, dirichlet:A, classes:K
+    budgets: str = ""                # per-device budgets cycled in device order: "0.5, 1.2MB, 2.5ms"
+    fleet_budget: str = ""           # "1.0x": the devices' parameters sum to 1.0 x the base's
     test_per_class: int = 0          # >0 reports on a seeded subset of the test split (smoke runs)
 
     def validate(self) -> "SimConfig":
@@ -197,6 +199,13 @@ class SimConfig:
                   (self.client_cpus >= 0, "client_cpus must be >= 0"),
                   (self.max_group_size >= 0, "max_group_size must be >= 0")]
         holdings.parse(self.holdings)  # a malformed spec is its own one line
+        from . import budget  # budget.py builds on PruneConfig
+
+        budget.parse_list(self.budgets, "sim.budgets")
+        if self.fleet_budget.strip():
+            budget.parse(self.fleet_budget, "sim.fleet_budget", fleet=True)
+        checks.append((not (self.budgets.strip() and self.fleet_budget.strip()),
+                       "set sim.budgets or sim.fleet_budget, not both"))
         return _check(self, checks)
 
 
@@ -232,6 +241,8 @@ def make_config(cls, values: dict[str, Any], where: str):
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise PapmError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
+    # a text setting given as a number (--set sim.budgets=0.5, or TOML budgets = 0.5) is its text
+    values = {k: str(v) if names[k].type == "str" and type(v) in (int, float) else v for k, v in values.items()}
     return cls(**values)
 
 

@@ -255,9 +255,9 @@ def onnx_latency_ms(path: str | Path, runs: int = 200, warmup: int = 20, blocks:
             "device": "cpu (onnxruntime)", "threads": torch.get_num_threads()}
 
 
-def candidate_latency_ms(model: nn.Module, int8: bool, calib: torch.Tensor, runs: int = 200) -> list[float]:
-    """Two batch-1 timings (ms, fresh sessions) of ``model`` exported to onnxruntime, int8
-    (calibrated on normalised images ``calib``) if ``int8``: the latency search's candidates."""
+def _exported(model: nn.Module, int8: bool, calib: torch.Tensor | None, use) -> object:
+    """``use(path)`` on ``model`` exported to a scratch ONNX file (int8 calibrated on
+    normalised images ``calib`` if ``int8``), removed afterwards."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -266,7 +266,20 @@ def candidate_latency_ms(model: nn.Module, int8: bool, calib: torch.Tensor, runs
         if int8:
             quantize(path, Path(d) / "int8.onnx", calib.float().numpy())
             path = Path(d) / "int8.onnx"
-        return [onnx_latency_ms(path, runs)["median_ms"] for _ in range(2)]
+        return use(path)
+
+
+def candidate_latency_ms(model: nn.Module, int8: bool, calib: torch.Tensor, runs: int = 200) -> list[float]:
+    """Two batch-1 timings (ms, fresh sessions) of ``model`` in onnxruntime (int8 if
+    ``int8``): the latency search's candidates."""
+    return _exported(model, int8, calib, lambda p: [onnx_latency_ms(p, runs)["median_ms"] for _ in range(2)])
+
+
+def runtime_latency_ms(model: nn.Module, runtime: str, calib: torch.Tensor | None, runs: int = 200) -> dict:
+    """The report's batch-1 timing of ``model`` in ``runtime`` (``onnxruntime`` or
+    ``onnxruntime-int8``, calibrated on ``calib``): what the evaluate round reports."""
+    return {**_exported(model, runtime == "onnxruntime-int8", calib, lambda p: onnx_latency_ms(p, runs)),
+            "runtime": runtime}
 
 
 def evaluate_onnx(path: str | Path, data: str | None = None, runs: int = 200, batch_size: int = 256) -> dict:

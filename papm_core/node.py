@@ -256,10 +256,14 @@ def machine_lock(store: Path, exclusive: bool):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200) -> dict:
+def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200,
+                    calib=None) -> dict:
     """Embeddings and the device model's own predictions for images the server asks about,
-    plus this node's median batch-1 latency in ms, measured here on the model alone."""
+    plus this node's median batch-1 latency in ms, measured here on the model alone in the
+    runtime it was pruned for (its config's ``runtime``). ``calib()`` gives the node's own
+    training images for an int8 runtime's calibration (never the server's images)."""
     model, meta = checkpoint.load(path)
+    runtime = str(meta.get("config", {}).get("runtime", "torch"))
     images = Split("test", torch.as_tensor(x), torch.zeros(len(x), dtype=torch.long), [])
     with machine_lock(store, exclusive=False):
         feats = cached_embed(path, model, images, root=Path(store) / "embeddings")
@@ -267,21 +271,24 @@ def evaluate_images(path: Path, x: np.ndarray, store: Path, runs: int = 200) -> 
             # the embedding ends with the model's own log-probabilities
             pred = feats[:, model.num_features:].argmax(1).astype(np.int64)
     sha = file_sha256(path)
-    lat = cached_latency(model, sha, store, runs)
+    served = list(meta.get("served_classes", []))
+    lat = cached_latency(model, sha, store, runs, runtime, (lambda: calib(served)) if calib else None)
     return {"features": feats, "pred": pred, "latency_ms": lat["median_ms"],
             "latency_p90_ms": lat["p90_ms"], "latency_blocks_ms": lat.get("block_medians_ms"),
-            "latency_method": lat.get("method"), "threads": lat["threads"],
+            "latency_method": lat.get("method"), "threads": lat["threads"], "runtime": runtime,
             "latency_reused": lat["reused"], "params": sum(p.numel() for p in model.parameters()),
             "file_mb": checkpoint.file_mb(path), "sha256": sha,
             "classes": meta.get("served_classes", [])}
 
 
-def cached_latency(model: nn.Module, sha: str, store: Path, runs: int = 200) -> dict:
-    """This node's batch-1 latency of the model with file hash ``sha``, timed once per
-    (model, torch threads, runs, method) and kept in the store: every device count that
-    reuses a model reuses its timing. Timing is serialised across the machine's nodes
-    (about 2.5 s per model: 5 blocks of 200 runs), 120 s of the quick preset's 9 runs."""
-    name = f"{sha[:32]}-t{torch.get_num_threads()}-r{runs}-{LATENCY_METHOD}.json"
+def cached_latency(model: nn.Module, sha: str, store: Path, runs: int = 200, runtime: str = "torch",
+                   calib=None) -> dict:
+    """This node's batch-1 latency of the model with file hash ``sha`` in ``runtime``, timed
+    once per (model, torch threads, runs, method, runtime) and kept in the store: every
+    device count that reuses a model reuses its timing. Timing is serialised across the
+    machine's nodes (5 blocks of ``runs`` runs each)."""
+    tag = "" if runtime == "torch" else f"-{runtime}"
+    name = f"{sha[:32]}-t{torch.get_num_threads()}-r{runs}-{LATENCY_METHOD}{tag}.json"
     path = Path(store) / "latency" / name
     if path.is_file():
         try:
@@ -289,7 +296,12 @@ def cached_latency(model: nn.Module, sha: str, store: Path, runs: int = 200) -> 
         except (OSError, ValueError):
             pass  # unreadable: timed again below and rewritten whole
     with machine_lock(store, exclusive=True):
-        lat = latency_ms(model, runs)
+        if runtime == "torch":
+            lat = latency_ms(model, runs)
+        else:
+            from .export import runtime_latency_ms  # onnx is an optional extra
+
+            lat = runtime_latency_ms(model, runtime, calib() if calib else None, runs)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, lat)
     return {**lat, "reused": False}

@@ -134,9 +134,10 @@ def device_rows(res: dict[int, dict], base: dict) -> list[dict]:
                          "train images": d.get("images"), "own acc %": d.get("test_own_acc"),
                          "base own acc %": b_own, "specialisation gain": _diff(d.get("test_own_acc"), b_own),
                          "all-class acc %": d.get("test_acc"), "val acc %": d.get("val_acc"),
+                         "budget": d.get("budget"), "reduction": d.get("reduction"),
                          "params": d.get("params"), "MB": d.get("file_mb"),
                          "× base size": (d["file_mb"] / base["file_mb"]) if d.get("file_mb") else None,
-                         "latency ms": d.get("latency_ms"),
+                         "runtime": d.get("runtime"), "latency ms": d.get("latency_ms"),
                          "latency block medians ms": " ".join(f"{b:.2f}" for b in blocks) if blocks else None,
                          "latency reused": d.get("latency_reused"),
                          "built": "reused" if d.get("reused") else ("new" if d.get("key") else "—"),
@@ -274,7 +275,9 @@ def write_report(out: str | Path, devices: list[int], extra: dict) -> Path:
           incomplete_lines(res), "\n", _table(frows), "\n## Per-device pruning effect and model sizes\n",
           "`specialisation gain` is a device's test accuracy on its own classes minus the base model's on "
           "the same classes; `val acc` is its accuracy on the server's validation split (every class), "
-          "which picks the best single device.\n\n",
+          "which picks the best single device. `budget` is what the device was pruned to (a parameter "
+          "reduction, a size in MB or a batch-1 latency in ms, in the device's `runtime`, which its "
+          "`latency ms` is measured in; the base model's is PyTorch's).\n\n",
           holdings_note(res),
           f"Distinct pruned models built: **{len(keys)}** for {pairs} (N, group) pairs.\n\n", _table(drows),
           "\n## Wall time per device count and round (s)\n", _table(timing),

@@ -162,8 +162,9 @@ def main(grid: Grid, context: Context) -> None:
 
     t0 = time.monotonic()
     cfg = resolved_config(run)
-    if run.by_flwr:  # a plain flwr run: how nodes hold data is a run-config key, as for the nodes
-        cfg["sim"] = dataclasses.replace(cfg["sim"], holdings=run.holdings, deal_seed=run.deal_seed).validate()
+    if run.by_flwr:  # a plain flwr run: holdings and budgets are run-config keys
+        cfg["sim"] = dataclasses.replace(cfg["sim"], holdings=run.holdings, deal_seed=run.deal_seed,
+                                         budgets=run.budgets, fleet_budget=run.fleet_budget).validate()
     ds_all = load_dataset(run.data or None)
     data_key = ds_all.key
     settings = {**{k: to_dict(v) for k, v in cfg.items()}, "data": {"fingerprint": data_key}}

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -37,7 +37,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from clients import wire
-from papm_core import checkpoint
+from papm_core import budget, checkpoint
 from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
 from papm_core.data import Dataset, Split, subsample
 from papm_core.federation import device_figures, fleet_figures, fuse, fused_figures, match_groups, save_head, stack
@@ -96,6 +96,8 @@ class PapmStrategy:
         self.simulated = True            # every node a simulated one (not an edge box)
         self.fixed = False               # some node's data is fixed (box, non-IID holdings)
         self.holdings: list[str] = []    # the holdings the nodes reported
+        self.node_setup: dict[int, dict] = {}  # device -> its node's own budget and runtime (boxes)
+        self.budgets: dict[int, str] = {}      # device -> the budget it was pruned to, as written
 
     # --- transport --------------------------------------------------------------------
     def _exchange(self, grid: Grid, name: str, msgs: dict[int, tuple[str, object]], timeout: float,
@@ -179,6 +181,8 @@ class PapmStrategy:
         rep = {order.index(d): r for d, r in rep.items()}
         self.node_names = {d: r["ident"]["name"] for d, r in rep.items()}
         self.held = {d: r["ident"]["held"] for d, r in rep.items()}
+        self.node_setup = {d: {k: str(r["ident"].get(k) or "") for k in ("budget", "runtime")}
+                           for d, r in rep.items()}
         # fixed data: an edge box, or a simulated node under non-IID holdings (sim.holdings)
         self.fixed = any(r["ident"].get("holdings", "group") != "group" or not r["ident"]["simulated"]
                          for r in rep.values())
@@ -227,13 +231,35 @@ class PapmStrategy:
             return {"ident": cfg, "stats": ClassStats(*arrays).check()}
         return parse
 
+    def device_prune_cfg(self, d: int) -> PruneConfig:
+        """Device ``d``'s prune settings: its group's classes, and its budget: its node's own
+        (a box's node config ``budget``), else ``sim.budgets`` cycled in device order, else
+        its 1/N share of ``sim.fleet_budget``, else the preset's ``params_reduction`` or
+        target; its runtime is its node's own, else the preset's."""
+        cfg = replace(self.prune_cfg, classes=self.groups[d])
+        own, listed = self.node_setup.get(d, {}), budget.parse_list(self.sim.budgets, "sim.budgets")
+        if own.get("budget"):
+            b = budget.parse(own["budget"], f"node config budget of {self.node_names.get(d)}")
+        elif listed:
+            b = listed[d % len(listed)]
+        elif self.sim.fleet_budget.strip():
+            fleet = budget.parse(self.sim.fleet_budget, "sim.fleet_budget", fleet=True)
+            b = budget.Budget("reduction", round(budget.fleet_reduction(fleet, self.n), 4))
+        else:
+            b = budget.of(cfg)
+        cfg = budget.apply(cfg, b)
+        if own.get("runtime"):
+            cfg = replace(cfg, runtime=own["runtime"])
+        self.budgets[d] = str(budget.of(cfg))
+        return cfg.validate()
+
     def prune_round(self, grid: Grid) -> dict[int, dict]:
         # the public reference images (no labels: a device distils on them); nothing of the
         # server's validation or test split goes to a node here
         pub = {"ref_x": self.ref.x.numpy()} if self.prune_cfg.scope != "shard" else {}
         msgs, cfgs = {}, {}
         for d in self._live():
-            cfgs[d] = to_dict(PruneConfig(**{**to_dict(self.prune_cfg), "classes": self.groups[d]}))
+            cfgs[d] = to_dict(self.device_prune_cfg(d))
             content = wire.pack({"spec": self.base.spec, "split": self.split, "prune": cfgs[d],
                                  "base_sha256": self.base_sha}, {**wire.model_arrays(self.base), **pub})
             msgs[d] = ("train.prune", content)
@@ -265,7 +291,8 @@ class PapmStrategy:
     def evaluate_round(self, grid: Grid) -> dict[int, dict]:
         """Sent once, after every model and head is fixed: test images without labels."""
         test = self.test
-        msgs = {d: ("evaluate", wire.pack({"key": self.keys[d], "latency_runs": self.sim.latency_runs},
+        msgs = {d: ("evaluate", wire.pack({"key": self.keys[d], "latency_runs": self.sim.latency_runs,
+                                           "split": self.split},
                                           {"test_x": test.x.numpy()}))
                 for d in self._live() if d in self.dims}
 
@@ -307,14 +334,16 @@ class PapmStrategy:
             held = self.held.get(d, []) if self.fixed else group
             row = {"device": d, "node": self.node_names.get(d), "classes": group, "held": held,
                    "not_held": [c for c in group if c not in held], "key": self.keys.get(d),
-                   "masked": d in self.masked}
+                   "masked": d in self.masked, "budget": self.budgets.get(d)}
             if d in pruned:
                 rep = pruned[d]["report"]
                 row.update(reused=pruned[d]["reused"], images=pruned[d].get("images"),
-                           **{k: rep.get(k) for k in ("params", "reduction", "param_mb", "finetune_seconds")})
+                           **{k: rep.get(k) for k in ("params", "reduction", "param_mb", "finetune_seconds",
+                                                      "latency_search")})
             if d in ev:
                 e = ev[d]
                 row.update(latency_ms=e["latency_ms"], latency_blocks_ms=e.get("latency_blocks_ms"),
+                           runtime=e.get("runtime", "torch"),
                            latency_reused=e.get("latency_reused"), file_mb=e["file_mb"], params=e["params"],
                            val_acc=fleet["device_val_acc"].get(d),
                            **device_figures(e["pred"], self.test.y, self.groups[d]))

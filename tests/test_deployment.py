@@ -201,7 +201,11 @@ def test_deployment_matches_simulation(smoke_run, tmp_path, shared_archive):
     assert r.returncode == 0, r.stderr[-2000:]
     res, ref = (json.loads((d / "n2" / "result.json").read_text()) for d in (out, sim_out))
     assert res["groups"] == ref["groups"] and res["missing"] == []
-    assert abs(res["fusion"]["test_acc"] - ref["fusion"]["test_acc"]) <= 2.0  # threads: 1 vs 2 (smoke: fp32)
+    # threads 1 vs 2 (smoke: fp32): the device models match; the head is checked against its
+    # files (its keep-or-drop gate can flip on the smoke preset's near-chance embeddings)
+    assert all(abs(d["test_acc"] - e["test_acc"]) <= 2.0 for d, e in zip(res["per_device"], ref["per_device"]))
+    assert res["fusion"]["test_acc"] == pytest.approx(
+        fused_from_files(out / "n2", [out / "store" / f"box-{i}" for i in range(2)], shared_archive, 100), abs=0.11)
     assert [d["node"] for d in res["per_device"]] == ["box-0", "box-1"]
     assert all(d["latency_ms"] > 0 for d in res["per_device"]) and "TLS" in res["engine"]
     assert set(res["node_compute_s"]["evaluate"]) == {"box-0", "box-1"}
@@ -238,7 +242,10 @@ def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run,
     stop = threading.Event()
     cont = threading.Thread(target=_continue_when, args=(out, 3, ("fuse", "evaluate"), stop), daemon=True)
     cont.start()
-    timeouts = ("--set", "sim.prune_timeout=25", "--set", "sim.embed_timeout=15")
+    # prune_timeout: the two live boxes must finish pruning inside it; 25 s was too short
+    # once on a slower CI machine (box-2 missed it), so it leaves room (the killed box-1
+    # is usually dropped sooner, by Flower's missed heartbeats)
+    timeouts = ("--set", "sim.prune_timeout=90", "--set", "sim.embed_timeout=30")
     try:
         r = _deploy(out, sim_out / "base.pt", shared_archive, 3, *timeouts,
                     env={"PAPM_TEST_BOX_SIGNAL": "box-1=prune:KILL,box-2=embed:STOP"})
@@ -261,14 +268,19 @@ def test_killed_and_paused_supernodes_are_masked_then_rerun_completes(smoke_run,
     assert "prune:box-1" in report and "embed:box-2" in report
     assert flower_processes(out) == []
     # the nodes are back: a rerun redoes only the missing work and matches the simulation.
-    # Default timeouts: this checks the recovery, and box-1's prune ran past the 25 s above
-    # once on a machine loaded by another training run
+    # Default timeouts: this checks the recovery
     r = _deploy(out, sim_out / "base.pt", shared_archive, 3)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((out / "n3" / "result.json").read_text())
     ref = json.loads((sim_out / "n3" / "result.json").read_text())
     assert res["missing"] == [] and res["groups"] == ref["groups"]
     assert [d["reused"] for d in res["per_device"]] == [True, False, True]
-    assert abs(res["fusion"]["test_acc"] - ref["fusion"]["test_acc"]) <= 2.0
+    # the device models match the simulation's; the head is retrained on embeddings computed at
+    # another thread count, and on the smoke preset's near-chance embeddings its keep-or-drop
+    # gate can flip (14 against 22 % once, on AMD), so the head is checked against its files
+    assert all(abs(d["test_acc"] - e["test_acc"]) <= 2.0 for d, e in zip(res["per_device"], ref["per_device"]))
+    stores = [out / "store" / f"box-{i}" for i in range(3)]
+    assert res["fusion"]["test_acc"] == pytest.approx(fused_from_files(out / "n3", stores, shared_archive, 100),
+                                                      abs=0.11)
     assert (out / "n3" / "result.incomplete.json").is_file()
     assert flower_processes(out) == []

@@ -218,7 +218,9 @@ def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
                       (["--preset", "nope"], "unknown preset"),
                       (["--set", "noequals"], "STAGE.KEY=VALUE"),
                       (["--devices", "2", "--set", "sim.holdings=classes:2"], "use K >= 5"),
-                      (["--set", "sim.holdings=iid"], "holdings 'iid' is not understood")):
+                      (["--set", "sim.holdings=iid"], "holdings 'iid' is not understood"),
+                      (["--set", "sim.budgets=0.5,fast"], "sim.budgets = 'fast': expected a parameter"),
+                      (["--set", "sim.budgets=0.5", "--set", "sim.fleet_budget=1.0x"], "not both")):
         r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", tmp_path / "bad", *args)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -325,13 +327,14 @@ def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archiv
 
 
 @pytest.mark.slow
-def test_non_iid_holdings_run_and_report(smoke_run, tmp_path, shared_archive):
+def test_non_iid_holdings_and_device_budgets_run_and_report(smoke_run, tmp_path, shared_archive):
     """classes:5 at N = 2: each simulated node holds 5 classes of its own, the groups go to
-    the nodes by the images they hold, each trains on what it holds; N = 1 holds all."""
+    the nodes by the images they hold, each trains on what it holds; N = 1 holds all. The
+    same run gives its two devices two budgets (sim.budgets), and they build two sizes."""
     out, _ = smoke_run
     run = tmp_path / "holdings"
     r = run_sim("--preset", "smoke", "--data", shared_archive, "--base", out / "base.pt", "--out", run,
-                "--devices", "2", "--set", "sim.holdings=classes:5")
+                "--devices", "2", "--set", "sim.holdings=classes:5", "--set", "sim.budgets=0.5, 0.9")
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     one = json.loads((run / "n1" / "result.json").read_text())
     assert one["holdings"] == ["classes:5"] and one["per_device"][0]["held"] == list(range(10))
@@ -348,6 +351,12 @@ def test_non_iid_holdings_run_and_report(smoke_run, tmp_path, shared_archive):
     swapped = [len(set(rows[1 - i]["classes"]) & set(d["held"])) for i, d in enumerate(rows)]
     assert sum(overlap) >= sum(swapped)
     assert "Node holdings: **classes:5**" in (run / "REPORT.md").read_text()
+    assert [d["budget"] for d in rows] == ["0.5", "0.9"] and one["per_device"][0]["budget"] == "0.5"
+    assert 0.5 <= rows[0]["reduction"] <= 0.505 and 0.9 <= rows[1]["reduction"] <= 0.905
+    assert rows[0]["params"] > 4 * rows[1]["params"] and rows[0]["file_mb"] > rows[1]["file_mb"]
+    assert all(d["runtime"] == "torch" for d in rows)
+    csv = (run / "devices.csv").read_text().splitlines()
+    assert "budget" in csv[0].split(",") and len(csv) == 1 + 1 + 2  # header, N = 1, N = 2
 
 
 @pytest.mark.slow

@@ -94,6 +94,57 @@ def test_no_message_carries_validation_or_test_labels(strategy):
             assert arrays[n].numpy().dtype == np.uint8  # images, never int64 labels
 
 
+def _sent_prune(strategy) -> list[dict]:
+    grid = FakeGrid()
+    strategy.masked = set()
+    strategy.prune_round(grid)  # no node answers: the configs sent are what is checked
+    return [json.loads(m.content.config_records["config"]["json"])["prune"] for m in grid.sent]
+
+
+def test_each_device_is_pruned_to_its_own_budget(strategy):
+    """sim.budgets cycles over the devices, a node's own budget and runtime (a box's node
+    config) win, a fleet budget gives each of N devices 1/N of it, and every device's
+    budget is recorded as written."""
+    from dataclasses import replace
+
+    from papm_core.util import PapmError
+
+    strategy.groups = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    strategy.sim = replace(strategy.sim, budgets="0.5, 2.5ms")
+    a, b = _sent_prune(strategy)
+    assert (a["params_reduction"], a["target_latency_ms"], b["target_latency_ms"]) == (0.5, None, 2.5)
+    assert a["classes"] == [0, 1, 2, 3, 4] and strategy.budgets == {0: "0.5", 1: "2.5ms"}
+    strategy.node_setup = {1: {"budget": "1.2MB", "runtime": "onnxruntime"}}
+    a, b = _sent_prune(strategy)
+    assert a["params_reduction"] == 0.5 and (b["target_size_mb"], b["runtime"]) == (1.2, "onnxruntime")
+    strategy.node_setup, strategy.sim = {}, replace(strategy.sim, budgets="", fleet_budget="1.0x")
+    assert [p["params_reduction"] for p in _sent_prune(strategy)] == [0.5, 0.5]
+    assert strategy.budgets == {0: "0.5", 1: "0.5"}
+    strategy.sim = replace(strategy.sim, fleet_budget="")
+    assert [p["params_reduction"] for p in _sent_prune(strategy)] == [0.77, 0.77]  # the preset's
+    with pytest.raises(PapmError, match="not both"):
+        replace(strategy.sim, budgets="0.5", fleet_budget="1.0x").validate()
+
+
+def test_a_box_states_its_budget_in_its_node_config(tmp_path):
+    """A box's node config budget and runtime reach the stats round's identity; a malformed
+    one is the node's one-line error (the strategy masks that box)."""
+    from flwr.app import Context, RecordDict
+
+    from clients.app import Node
+    from papm_core.util import PapmError
+
+    def node(**nc):
+        return Node(Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                            node_config={"name": "pi4", "data": "x.npz", "store": str(tmp_path), **nc}))
+    n = node(budget="2.5ms", runtime="onnxruntime-int8")
+    assert (n.budget, n.runtime, n.simulated) == ("2.5ms", "onnxruntime-int8", False)
+    with pytest.raises(PapmError, match="node config budget of pi4 = '2.5 s'"):
+        node(budget="2.5 s")
+    with pytest.raises(PapmError, match="node config runtime of pi4 = 'tflite'"):
+        node(runtime="tflite")
+
+
 def test_an_embedding_of_another_width_masks_the_node(strategy):
     """A node whose test embeddings differ in width from its embed-round ones is masked with
     its reason; the round goes on with the other node (no exception)."""
