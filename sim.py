@@ -69,8 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def overrides(args) -> dict[str, dict]:
+def overrides(args) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per stage: the keys the flags and ``--set`` override, and where each came from."""
     ov: dict[str, dict] = {"train": {}, "prune": {}, "fuse": {}, "sim": {}}
+    origin: dict[str, dict] = {k: {} for k in ov}
     for item in args.set:
         key, sep, value = item.partition("=")
         stage, dot, name = key.partition(".")
@@ -80,19 +82,20 @@ def overrides(args) -> dict[str, dict]:
             ov[stage][name] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
             ov[stage][name] = value  # a bare word is a string
+        origin[stage][name] = f"--set {stage}.{name}"
     for stage, key, val in (("sim", "devices", args.devices), ("prune", "params_reduction", args.params_reduction),
                             ("prune", "alpha", args.alpha)):
         if val is not None:
-            ov[stage][key] = val
+            ov[stage][key], origin[stage][key] = val, f"--{key.replace('_', '-')}"
     if args.seed is not None:
         for stage in ("train", "prune"):
-            ov[stage]["seed"] = args.seed
-    return ov
+            ov[stage]["seed"], origin[stage]["seed"] = args.seed, "--seed"
+    return ov, origin
 
 
 def resolve(args) -> tuple[dict, list[int], Path]:
     """The resolved config of every stage, the device counts and the run folder."""
-    cfg = {k: to_dict(v) for k, v in load_all(args.preset, overrides(args)).items()}
+    cfg = {k: to_dict(v) for k, v in load_all(args.preset, *overrides(args)).items()}
     cfg["prune"].pop("classes")
     cfg["prune"]["device"] = cfg["train"]["device"] = "auto"
     # N = 1 (one device model for every class, same budget and recipe) is the fleet's own
@@ -249,7 +252,10 @@ def test_keys() -> dict:
 
 
 def _term(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM cleans up like Ctrl-C: stop what we started
+    # SIGTERM cleans up like Ctrl-C: stop what we started; a second SIGTERM (a wrapper such
+    # as `timeout` passing its own on) must not cut that cleanup short
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def run_counts(todo: list[int], devices: list[int], out: Path, cfg: dict, args, view, timings: dict) -> None:
@@ -291,7 +297,8 @@ def run_counts(todo: list[int], devices: list[int], out: Path, cfg: dict, args, 
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _term)
     args = parse_args(argv)
-    from papm_core.report import View, write_report
+    from papm_core.report import write_report
+    from papm_core.view import View
 
     try:
         if args.attach and not args.base:

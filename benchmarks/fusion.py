@@ -25,11 +25,11 @@ import json
 from pathlib import Path
 
 from papm_core import checkpoint
-from papm_core.config import PruneConfig, load_preset
+from papm_core.config import FuseConfig, PruneConfig, load_preset
 from papm_core.data import cache_dir, load_dataset
 from papm_core.grouping import read_groups
 from papm_core.specialize import base_split, device_data, output_name, prune, save_result, test_figures
-from papm_core.system import run_fuse, split_eval
+from papm_core.system import fuse_checkpoints, split_eval
 from papm_core.util import file_sha256, provenance
 
 RECIPES = {"default": dict(scope="shard+public"), "original": dict(scope="all", recipe="original")}
@@ -90,14 +90,14 @@ def main() -> None:
         for n in args.devices:
             paths = [ensure_device(g, recipe, args, base, meta, ds, out_dir) for g in groups[n]]
             head = out_dir / f"fusion_n{n}.pt"
-            fuse_kw = dict(epochs=200, patience=20, lr=5e-4, batch_size=128)
+            fcfg = FuseConfig()
             if recipe == "original":
-                fuse_kw.update(device_dropout=0.0, prior="none")  # the original: a plain MLP, no dropout
+                fcfg = FuseConfig(device_dropout=0.0, prior="none")  # the original: a plain MLP, no dropout
             elif args.preset is not None:
                 f = load_preset(args.preset, "fuse")
-                fuse_kw = dict(epochs=f.epochs, patience=f.patience, lr=f.lr, batch_size=f.batch_size,
-                               device_dropout=f.device_dropout, prior=f.prior)
-            fused = run_fuse(paths, head, args.data, seed=args.seed, **fuse_kw)
+                fcfg = FuseConfig(epochs=f.epochs, patience=f.patience, lr=f.lr, batch_size=f.batch_size,
+                                  device_dropout=f.device_dropout, prior=f.prior)
+            fused = fuse_checkpoints(paths, head, args.data, fcfg, args.seed)
             row = {"recipe": recipe, "devices": n, "seed": args.seed, "fused_val_sel": fused["val_acc"],
                    "head": fused["head"], "gate": fused["gate"]}
             if args.test:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from papm_core import checkpoint  # noqa: E402
+from papm_core.config import FuseConfig  # noqa: E402
 from papm_core.data import Split, load_dataset  # noqa: E402
 from papm_core.fusion import build_head, embed, embedding_dim, gate, halves, head_accuracy, random_mask, train_head  # noqa: E402
 from papm_core.loader import batches  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> int:
             for seed in args.seeds:
                 if recipe.startswith("owner") and recipe != "owner-only":  # the product's own training
                     fr = train_head(xf.numpy(), yf.numpy(), vs.numpy(), vys.numpy(), dims, len(ds.classes),
-                                    seed=seed, owners=owners)
+                                    FuseConfig(), seed, owners)
                     heads.append((fr.best_val, fr))
                     continue
                 head, v = train(xf, yf, sf, vs, vys, dims, len(ds.classes), seed,

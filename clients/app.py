@@ -17,7 +17,7 @@ Message types (the strategy in ``strategies/papm.py`` sends them):
 Where a node finds its data: an edge box sets ``data`` (a folder or archive of its own
 images; see docs/deploy.md) and ``store`` in its node config. A simulated node has Flower's
 ``partition-id``/``num-partitions`` and reads the run config's ``data``: before grouping
-it holds the classes dealt to it (``papm_core.node.held_classes``), after grouping the
+it holds the classes dealt to it (``papm_core.nodedata.held_classes``), after grouping the
 shard of the group the strategy assigns to it.
 
 Example: ``flwr run . papm-sim --run-config 'out="/abs/runs/x/n2"'`` (sim.py does this)
@@ -42,23 +42,15 @@ from papm_core.config import RUNTIMES, PruneConfig, from_dict
 from papm_core.data import Split
 from papm_core.finetune import epoch_images, finetune_epochs
 from papm_core.loader import normalize
-from papm_core.node import (
-    embed_images,
-    ensure_pruned,
-    evaluate_images,
-    find_pruned,
-    held_classes,
-    holding_of,
-    local_data,
-    local_stats,
-)
+from papm_core.node import embed_images, ensure_pruned, evaluate_images, find_pruned, local_stats
+from papm_core.nodedata import held_classes, holding_of, local_data
 from papm_core.specialize import calibration
 from papm_core.util import PapmError, atomic_write
 
 app = ClientApp(mods=[compute_time, test_faults])  # compute_s on every reply; test-only faults
 
 
-class Node:
+class NodeSetup:
     """This node's identity, data source and store, from node config then run config."""
 
     def __init__(self, ctx: Context):
@@ -87,7 +79,7 @@ class Node:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
 
     def data(self, split: dict, held: list[int] | None = None):
-        """This node's data (``papm_core.node.local_data``), cut to its part under holdings."""
+        """This node's data (``papm_core.nodedata.local_data``), cut to its part under holdings."""
         part = None
         if self.simulated and self.fixed:
             part = (self.holdings, self.partition, self.partitions, self.deal_seed)
@@ -110,7 +102,7 @@ def _reply(msg: Message, config: dict, arrays=None) -> Message:
 
 @app.query("stats")
 def stats(msg: Message, ctx: Context) -> Message:
-    node = Node(ctx)
+    node = NodeSetup(ctx)
     cfg = wire.config_of(msg.content, ("split", "num_classes"))
     ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated,
              "holdings": node.holdings, "budget": node.budget, "runtime": node.runtime}
@@ -133,7 +125,7 @@ def stats(msg: Message, ctx: Context) -> Message:
 
 @app.train("prune")
 def prune(msg: Message, ctx: Context) -> Message:
-    node = Node(ctx)
+    node = NodeSetup(ctx)
     cfg = wire.config_of(msg.content, ("spec", "split", "prune", "base_sha256"))
     pcfg = from_dict("prune", {**cfg["prune"], "device": "cpu" if not torch.cuda.is_available() else "cuda"})
     # pruning and fine-tuning run where the node's accelerator is (the data follows the model)
@@ -167,7 +159,7 @@ def prune(msg: Message, ctx: Context) -> Message:
 
 def _stored_model(msg: Message, ctx: Context):
     """(node, config, path of the pruned model the message names) for embed/evaluate."""
-    node = Node(ctx)
+    node = NodeSetup(ctx)
     cfg = wire.config_of(msg.content, ("key",))
     return node, cfg, find_pruned(node.store, str(cfg["key"]))
 

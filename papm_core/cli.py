@@ -97,6 +97,8 @@ def _add_group(sub) -> None:
 
 
 def _add_prune(sub) -> None:
+    from .config import CRITERIA, RUNTIMES
+
     p = sub.add_parser("prune", help="PAPM-prune the base model for a device's classes, then fine-tune",
                        description="Scores channels (alpha*L2 + (1-alpha)*(1-APoZ)), searches the "
                                    "widths that meet the parameter budget exactly, slims the model "
@@ -125,7 +127,7 @@ def _add_prune(sub) -> None:
                    help="auto: exact budget (default); channel-rank: the original's rule")
     p.add_argument("--auto-search", dest="search", action="store_const", const="auto",
                    help="the default search (kept for the original's command line)")
-    p.add_argument("--criterion", choices=["papm", "random"], help="random: a baseline")
+    p.add_argument("--criterion", choices=CRITERIA, help="random: a baseline")
     p.add_argument("--scope", choices=["shard", "shard+public", "all"], help="fine-tuning data")
     p.add_argument("--recipe", choices=["papm", "original"], help="original: only with --scope all")
     p.add_argument("--augment", choices=["crop+flip", "flip"],
@@ -133,7 +135,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="training autocast: auto = bf16 on CUDA and on CPUs with native bf16 "
                         "(AMX, AVX512-BF16), else fp32")
-    p.add_argument("--runtime", choices=["torch", "onnxruntime", "onnxruntime-int8"],
+    p.add_argument("--runtime", choices=RUNTIMES,
                    help="what the device runs the model in; a latency budget is met in it (default torch)")
     p.add_argument("--device")
     p.add_argument("--out-dir", help="default checkpoints/")
@@ -320,14 +322,15 @@ def _add_fuse(sub) -> None:
     p.add_argument("--threshold", type=int, default=77, help="with --groups: the th of the names")
     p.add_argument("--ckpt-dir", default="checkpoints")
     p.add_argument("--data")
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--patience", type=int, default=20)
-    p.add_argument("--device-dropout", type=float, default=0.2, help="chance to mask each device")
-    p.add_argument("--prior", choices=("owner", "none"), default="owner",
+    # defaults: FuseConfig's (papm_core/config.py), which also checks the values
+    p.add_argument("--epochs", type=int, help="head epochs at most (default 200)")
+    p.add_argument("--batch-size", type=int, help="default 128")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 5e-4)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation accuracy (default 20)")
+    p.add_argument("--device-dropout", type=float, help="chance to mask each device (default 0.2)")
+    p.add_argument("--prior", choices=("owner", "none"),
                    help="owner: add each class's log-probability from the devices serving it (default)")
-    p.add_argument("--min-gain-z", type=float, default=1.645,
+    p.add_argument("--min-gain-z", type=float,
                    help="with the prior: keep the trained MLP only if its paired validation gain "
                         "reaches this z (default 1.645, one-sided 5 %%; 0 = any gain)")
     p.add_argument("--seed", type=int, default=0)
@@ -388,7 +391,7 @@ def cmd_export(args) -> int:
 
 def cmd_shard(args) -> int:
     from . import checkpoint
-    from .node import make_box, read_box
+    from .nodedata import make_box, read_box
 
     if not args.out.endswith(".npz"):
         raise PapmError(f"--out {args.out}: a box's data file must end in .npz")
@@ -401,9 +404,13 @@ def cmd_shard(args) -> int:
     return 0
 
 
+FUSE_FLAGS = ("epochs", "batch_size", "lr", "patience", "device_dropout", "prior", "min_gain_z")
+
+
 def cmd_fuse(args) -> int:
+    from .config import FuseConfig
     from .grouping import read_groups
-    from .system import resolve_ckpts, run_fuse
+    from .system import fuse_checkpoints, resolve_ckpts
 
     if args.ckpts:
         paths = [Path(p) for p in args.ckpts]
@@ -415,14 +422,10 @@ def cmd_fuse(args) -> int:
         paths = resolve_ckpts(groups[args.devices], args.ckpt_dir, args.threshold)
     else:
         raise PapmError("give --ckpts, or --groups with --devices")
-    if args.epochs < 1 or args.batch_size < 2 or args.patience < 1 or not 0 <= args.device_dropout < 1 \
-            or args.min_gain_z < 0:
-        raise PapmError("--epochs and --patience must be >= 1, --batch-size >= 2, "
-                        "--device-dropout in [0, 1), --min-gain-z >= 0")
+    given = {k: getattr(args, k) for k in FUSE_FLAGS if getattr(args, k) is not None}
+    cfg = FuseConfig(**given).validate()  # the defaults and the checks live in FuseConfig alone
     out = args.out or str(Path(args.ckpt_dir) / f"fusion_n{len(paths)}_th{args.threshold}.pt")
-    res = run_fuse(paths, out, args.data, epochs=args.epochs, batch_size=args.batch_size,
-                   lr=args.lr, patience=args.patience, device_dropout=args.device_dropout,
-                   seed=args.seed, prior=args.prior, min_gain_z=args.min_gain_z)
+    res = fuse_checkpoints(paths, out, args.data, cfg, args.seed)
     kept = "" if res["prior_val"] is None else (
         f"; prior alone {res['prior_val']:.2f}%; head: {res['head']}"
         + ("" if res["gain_z"] is None else f" (gain z {res['gain_z']:.2f} on the gate half)"))

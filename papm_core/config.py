@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class TrainConfig:
 SCOPES = ("shard", "shard+public", "all")
 AUGMENTS = ("crop+flip", "flip")
 RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")  # what a device model runs in
+CRITERIA = ("papm", "random")  # channel scores (papm_core.prune.CRITERIA; a test keeps them equal)
 
 
 @dataclass
@@ -123,7 +125,7 @@ class PruneConfig:
                    "--search must be auto, channel-rank or threshold"),
                   (self.search != "threshold" or self.threshold is not None,
                    "--search threshold needs --threshold T"),
-                  (self.criterion in ("papm", "random"), "--criterion must be papm or random"),
+                  (self.criterion in CRITERIA, f"--criterion must be one of {', '.join(CRITERIA)}"),
                   (self.epochs >= 0, "--epochs must be >= 0"),
                   (self.min_steps >= 0, f"--min-steps must be >= 0, got {self.min_steps}"),
                   (self.ce_weight >= 0, "--ce-weight must be >= 0"),
@@ -162,14 +164,14 @@ class FuseConfig:
                                      # is this significant (paired z; 1.645 = one-sided 5 %, 0 = any gain)
 
     def validate(self) -> "FuseConfig":
-        checks = [(self.epochs >= 1 and self.patience >= 1, "fusion epochs and patience must be >= 1"),
-                  (self.batch_size >= 2, "fusion batch_size must be >= 2 (BatchNorm)"),
-                  (self.lr > 0, "fusion lr must be positive"),
-                  (0 <= self.device_dropout < 1, "device_dropout must lie in [0, 1)"),
-                  (0 <= self.dropout < 1, "fusion dropout must lie in [0, 1)"),
-                  (self.head_seeds >= 1, "head_seeds must be >= 1"),
-                  (self.min_gain_z >= 0, f"min_gain_z must be >= 0, got {self.min_gain_z}"),
-                  (self.prior in PRIORS, f"fusion prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")]
+        checks = [(self.epochs >= 1 and self.patience >= 1, "--epochs and --patience of the fusion head must be >= 1"),
+                  (self.batch_size >= 2, "--batch-size of the fusion head must be >= 2 (BatchNorm)"),
+                  (self.lr > 0, "--lr of the fusion head must be positive"),
+                  (0 <= self.device_dropout < 1, "--device-dropout must lie in [0, 1)"),
+                  (0 <= self.dropout < 1, "--dropout of the fusion head must lie in [0, 1)"),
+                  (self.head_seeds >= 1, "--head-seeds must be >= 1"),
+                  (self.min_gain_z >= 0, f"--min-gain-z must be >= 0, got {self.min_gain_z}"),
+                  (self.prior in PRIORS, f"--prior must be one of {', '.join(PRIORS)}, got {self.prior!r}")]
         return _check(self, checks)
 
 
@@ -246,8 +248,21 @@ def make_config(cls, values: dict[str, Any], where: str):
     return cls(**values)
 
 
-def load_preset(name: str, stage: str = "train", **overrides: Any):
-    """The stage's config from a preset, with non-None ``overrides`` applied on top."""
+def _named_by_origin(e: PapmError, stage: str, from_file: set, origins: dict[str, str], path: Path) -> PapmError:
+    """``e`` with each ``--flag`` it names replaced by where that key's value came from:
+    ``--set prune.alpha`` (or whatever ``origins`` says), or the preset file's key."""
+    def where(m: re.Match) -> str:
+        key = m.group(1).replace("-", "_")
+        if key in origins:
+            return origins[key]
+        return f"{key} in [{stage}] of {path}" if key in from_file else m.group(0)
+    return PapmError(re.sub(r"--([a-z][a-z0-9-]*)", where, str(e)))
+
+
+def load_preset(name: str, stage: str = "train", origins: dict[str, str] | None = None, **overrides: Any):
+    """The stage's config from a preset, with non-None ``overrides`` applied on top. A bad
+    value's error names where it came from: ``origins[key]`` (e.g. ``--set prune.alpha``),
+    else the preset file's key, else the command-line flag."""
     path = preset_path(name)
     try:
         tables = tomllib.loads(path.read_text())
@@ -257,22 +272,26 @@ def load_preset(name: str, stage: str = "train", **overrides: Any):
     if unknown:
         raise PapmError(f"unknown table(s) {unknown} in {path}; valid: {sorted(STAGES)}")
     values = dict(tables.get(stage, {}))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    from_file = set(values) - set(given)
+    values.update(given)
     cfg = make_config(STAGES[stage], values, f"[{stage}] of {path}")
-    return cfg.validate()
+    try:
+        return cfg.validate()
+    except PapmError as e:
+        raise _named_by_origin(e, stage, from_file, {k: o for k, o in (origins or {}).items() if k in given},
+                               path) from None
 
 
-def load_all(name: str, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Every stage's config of a preset as typed dataclasses, overrides applied per stage."""
-    overrides = overrides or {}
+def load_all(name: str, overrides: dict[str, dict[str, Any]] | None = None,
+             origins: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """Every stage's config of a preset as typed dataclasses, overrides applied per stage
+    (``origins``: per stage, where each override came from, for error messages)."""
+    overrides, origins = overrides or {}, origins or {}
     out = {}
     for stage in STAGES:
-        if stage == "prune":
-            # the device classes come from the grouping; validate the rest with a placeholder
-            cfg = load_preset(name, stage, **{"classes": [0], **overrides.get(stage, {})})
-        else:
-            cfg = load_preset(name, stage, **overrides.get(stage, {}))
-        out[stage] = cfg
+        extra = {"classes": [0]} if stage == "prune" else {}  # the grouping gives a device's classes
+        out[stage] = load_preset(name, stage, origins.get(stage), **{**extra, **overrides.get(stage, {})})
     return out
 
 

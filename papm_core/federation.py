@@ -82,8 +82,8 @@ class Fused:
         return self.heads[self.pick].head
 
 
-def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref: Split, val: Split,
-         num_classes: int, cfg: FuseConfig, seed: int, owners: dict[int, list[int]], on_epoch=None) -> Fused:
+def train_heads(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref: Split, val: Split,
+                num_classes: int, cfg: FuseConfig, seed: int, owners: dict[int, list[int]], on_epoch=None) -> Fused:
     """``cfg.head_seeds`` heads over the devices that sent reference and validation embeddings.
     The validation split's selection half picks each head's epoch and then the seed; its
     gate half decides whether the picked head keeps its MLP (``fusion.gate``). ``owners``:
@@ -96,11 +96,8 @@ def fuse(ref_feats: dict[int, np.ndarray], val_feats: dict[int, np.ndarray], ref
     xv, _ = stack(val_feats, order, dims, len(val))
     vy = val.y.cpu().numpy()
     sel, held = halves(vy)
-    heads = [train_head(xr.numpy(), ref.y.cpu().numpy(), xv[sel].numpy(), vy[sel], dims, num_classes,
-                        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, patience=cfg.patience,
-                        device_dropout=cfg.device_dropout, seed=seed + k, hidden=cfg.hidden,
-                        dropout=cfg.dropout, on_epoch=on_epoch,
-                        owners=[owners[i] for i in order] if cfg.prior == "owner" else None)
+    heads = [train_head(xr.numpy(), ref.y.cpu().numpy(), xv[sel].numpy(), vy[sel], dims, num_classes, cfg,
+                        seed + k, [owners[i] for i in order] if cfg.prior == "owner" else None, on_epoch)
              for k in range(cfg.head_seeds)]  # device models fixed; only the head's seed varies
     pick = max(range(len(heads)), key=lambda k: (heads[k].best_val, -k))
     for res in heads:  # every seed's head as the product would keep it, so their spread is the head's

@@ -100,16 +100,20 @@ def teacher_logits(base: nn.Module, split: Split, precision: str) -> torch.Tenso
     return torch.cat(out) if out else torch.zeros(0, base.linear.out_features, device=dev)
 
 
+OWN_SHARE = 0.9  # the original recipe: own-class share of each epoch's draws (9:1)
+
+
 def _cycle(split: Split, cfg: PruneConfig, gen: torch.Generator) -> Iterator[tuple]:
     while True:
         yield from _train_batches(split, cfg, gen)
 
 
-def _original_order(pool: Split, own: list[int], n_shard: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices for one epoch of 9:1 own-vs-other weighted sampling (with replacement)."""
+def _original_order(pool: Split, own: list[int], n_draws: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices for one epoch (``n_draws``, ``epoch_images``) of 9:1 own-vs-other weighted
+    sampling with replacement."""
     is_own = torch.isin(pool.y.cpu(), torch.tensor(own))
-    w = torch.where(is_own, 0.9 / max(1, int(is_own.sum())), 0.1 / max(1, int((~is_own).sum())))
-    return torch.multinomial(w, max(1, int(n_shard / 0.9)), replacement=True, generator=gen)
+    w = torch.where(is_own, OWN_SHARE / max(1, int(is_own.sum())), 0.1 / max(1, int((~is_own).sum())))
+    return torch.multinomial(w, max(1, n_draws), replacement=True, generator=gen)
 
 
 def _loss_fn(cfg: PruneConfig, own: list[int], n_classes: int, dev) -> Callable:
@@ -141,7 +145,7 @@ def epoch_images(cfg: PruneConfig, n_shard: int, n_pool: int) -> int:
     and, for ``scope = "all"``, all its private images (``n_pool``). The original recipe
     samples own:other 9:1, so its epoch draws n_shard / 0.9 and own images are seen about once."""
     if cfg.recipe == "original":
-        return int(n_shard / 0.9)
+        return int(n_shard / OWN_SHARE)
     return n_pool if cfg.scope == "all" else n_shard
 
 
@@ -227,7 +231,7 @@ def finetune(model: nn.Module, base: nn.Module, shard: Split, val: Split, cfg: P
     history = [{"epoch": 0, "val_loss": loss0, "val_acc": acc0}]
     for epoch in range(1, epochs + 1):
         model.train()
-        order = _original_order(primary, own, len(shard), gen) if cfg.recipe == "original" else None
+        order = _original_order(primary, own, n_epoch, gen) if cfg.recipe == "original" else None
         tot, seen = 0.0, 0
         for x, y, idx, flip in _train_batches(primary, cfg, gen, order):
             with autocast(dev, cfg.precision):

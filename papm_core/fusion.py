@@ -1,4 +1,4 @@
-"""Fusion head over frozen device embeddings, with device dropout: ``fuse(...) -> FuseResult``.
+"""Fusion head over frozen device embeddings, with device dropout: ``train_head(...) -> FuseResult``.
 
 Devices upload only embeddings (``embed``) of the server's public reference set: per image,
 their pooled features (``forward_head(..., pre_logits=True)``) and their own classifier's log-probabilities over all
@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import FuseConfig
 from .data import Split, cache_dir
 from .evaluate import eval_batch_size, quietest_median_ms
 from .loader import batches
@@ -237,12 +238,11 @@ def head_accuracy(head: FusionHead, feats: torch.Tensor, y: torch.Tensor,
 
 
 def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_y: np.ndarray,
-               dims: list[int], num_classes: int, *, epochs: int = 200, batch_size: int = 128,
-               lr: float = 5e-4, patience: int = 20, device_dropout: float = 0.2, seed: int = 0,
-               hidden: int = 512, dropout: float = 0.3, owners: list[list[int]] | None = None,
-               on_epoch=None) -> FuseResult:
+               dims: list[int], num_classes: int, cfg: FuseConfig, seed: int = 0,
+               owners: list[list[int]] | None = None, on_epoch=None) -> FuseResult:
     """Adam on the reference embeddings; early stopping on validation accuracy (the
-    selection half). With ``owners`` (the specialist prior) the untrained head, which is
+    selection half), by ``cfg`` (epochs, batch size, lr, patience, device dropout, hidden
+    width, dropout). With ``owners`` (the specialist prior) the untrained head, which is
     the prior alone, is validated first as epoch 0 and can be selected like any epoch;
     whether a trained MLP is then kept is ``gate``'s decision, on other images."""
     if sum(dims) != train_f.shape[1] or sum(dims) != val_f.shape[1]:
@@ -250,8 +250,8 @@ def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
                         f"the devices' dims {dims}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    head = build_head(dims, num_classes, hidden, dropout, owners)
-    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    head = build_head(dims, num_classes, cfg.hidden, cfg.dropout, owners)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
     xf, yf = torch.as_tensor(train_f), torch.as_tensor(train_y)
     vf, vy = torch.as_tensor(val_f), torch.as_tensor(val_y)
     best = {"val": -1.0, "epoch": 0, "state": None}
@@ -259,14 +259,14 @@ def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
         best["val"], best["state"] = head_accuracy(head, vf, vy), copy.deepcopy(head.state_dict())
     prior = dict(best) if owners is not None else None
     history, bad = [], 0
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1, cfg.epochs + 1):
         head.train()
         order = torch.randperm(len(xf), generator=gen)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
+        for i in range(0, len(order), cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
             if len(idx) < 2:
                 continue  # BatchNorm needs two samples
-            mask = random_mask(len(idx), len(dims), device_dropout, gen)
+            mask = random_mask(len(idx), len(dims), cfg.device_dropout, gen)
             loss = F.cross_entropy(head(xf[idx], mask), yf[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -279,7 +279,7 @@ def train_head(train_f: np.ndarray, train_y: np.ndarray, val_f: np.ndarray, val_
             best, bad = {"val": val, "epoch": epoch, "state": copy.deepcopy(head.state_dict())}, 0
         else:
             bad += 1
-            if bad >= patience:
+            if bad >= cfg.patience:
                 break
     head.load_state_dict(best["state"])
     return FuseResult(head.eval(), best["val"], best["epoch"], len(history), history,

@@ -1,6 +1,6 @@
 """Which images a simulated node holds (``sim.holdings``), as Flower users partition data.
 
-- ``group`` (default): before grouping each class goes to one node (``node.held_classes``);
+- ``group`` (default): before grouping each class goes to one node (``nodedata.held_classes``);
   once grouped, node i holds exactly the shard of group i. The grouping fits the data.
 - ``dirichlet:A``: every class's images are spread over the nodes in proportions drawn
   from Dirichlet(A) (A > 0; small A = skewed, 0.5 is the common non-IID setting).

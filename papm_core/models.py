@@ -17,7 +17,7 @@ Example: ``python -c "from papm_core.models import *; print(count_params(build_m
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -130,21 +130,76 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     raise PapmError(f"unknown architecture {arch!r} in model spec")
 
 
+class Conv(NamedTuple):
+    """One conv of the spec's channel plan: its module and BN names, the unit whose channels
+    it writes (``out``) and reads (``inp``; ``"input"`` = the image), its kernel size, and
+    where its channels' ReLU activations are seen (``"bn"``: ReLU of its BN, ``"out"``: the
+    block's post-addition ReLU, None: not at all)."""
+
+    conv: str
+    bn: str
+    out: str
+    inp: str
+    kernel: int
+    act: str | None
+
+
+def _projects(c_in: int, out: int, stride: int) -> bool:
+    return stride != 1 or c_in != out
+
+
+def channel_plan(spec: dict[str, Any]) -> list[Conv]:
+    """Every conv of the ResNet18 a spec builds, in forward order: the one place the model's
+    channel coupling is written down (pruning units, slimming and parameter counts read it).
+
+    Units: ``layer{s}.{b}.inner`` (a block's first conv), ``stage{s}`` (the residual width:
+    both blocks' second conv and the stage's 1x1 shortcut, added together), and ``stem``,
+    which is ``stage1`` itself when stage 1 has identity shortcuts (they add the stem's
+    channels to its blocks' outputs)."""
+    stages = spec["stages"]
+    prev = "stage1" if not _projects(int(spec["stem"]), int(stages[0]["out"]), STRIDES[0]) else "stem"
+    plan = [Conv("conv1", "bn1", prev, "input", 3, "bn")]
+    widths = unit_widths(spec)
+    for s, (st, stride) in enumerate(zip(stages, STRIDES), start=1):
+        for b in range(len(st["inner"])):
+            blk = f"layer{s}.{b}"
+            plan += [Conv(f"{blk}.conv1", f"{blk}.bn1", f"{blk}.inner", prev, 3, "bn"),
+                     Conv(f"{blk}.conv2", f"{blk}.bn2", f"stage{s}", f"{blk}.inner", 3, "out")]
+            if _projects(widths[prev], int(st["out"]), stride if b == 0 else 1):
+                plan.append(Conv(f"{blk}.shortcut.0", f"{blk}.shortcut.1", f"stage{s}", prev, 1, None))
+            prev = f"stage{s}"
+    return plan
+
+
+def unit_widths(spec: dict[str, Any]) -> dict[str, int]:
+    """Each pruning unit's channel count in ``spec`` (units: ``channel_plan``)."""
+    stages = spec["stages"]
+    shared = not _projects(int(spec["stem"]), int(stages[0]["out"]), STRIDES[0])
+    out = {} if shared else {"stem": int(spec["stem"])}
+    for s, st in enumerate(stages, start=1):
+        out.update({f"layer{s}.{b}.inner": int(w) for b, w in enumerate(st["inner"])})
+        out[f"stage{s}"] = int(st["out"])
+    return out
+
+
+def with_widths(spec: dict[str, Any], widths: dict[str, int]) -> dict[str, Any]:
+    """``spec`` with each unit's width replaced by ``widths[unit]`` (the inverse of ``unit_widths``)."""
+    new = copy.deepcopy(spec)
+    new["stem"] = int(widths.get("stem", widths["stage1"]))
+    for s, st in enumerate(new["stages"], start=1):
+        st["out"] = int(widths[f"stage{s}"])
+        st["inner"] = [int(widths[f"layer{s}.{b}.inner"]) for b in range(len(st["inner"]))]
+    return new
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def spec_params(spec: dict[str, Any]) -> int:
-    """Parameter count of the model a spec builds, without building it (pruning search)."""
-    c_in = int(spec["stem"])
-    total = 3 * 9 * c_in + 2 * c_in  # stem conv + BN affine
-    for st, stride in zip(spec["stages"], STRIDES):
-        out = int(st["out"])
-        for b, inner in enumerate(st["inner"]):
-            inner = int(inner)
-            total += 9 * c_in * inner + 2 * inner + 9 * inner * out + 2 * out
-            if (stride if b == 0 else 1) != 1 or c_in != out:
-                total += c_in * out + 2 * out
-            c_in = out
+    """Parameter count of the model a spec builds, without building it (pruning search):
+    each conv's weights and BN affine pair, then the classifier."""
+    w = {**unit_widths(spec), "input": 3}
+    total = sum(c.kernel ** 2 * w[c.inp] * w[c.out] + 2 * w[c.out] for c in channel_plan(spec))
     k = int(spec["num_classes"])
-    return total + c_in * k + k
+    return total + w[f"stage{len(spec['stages'])}"] * k + k

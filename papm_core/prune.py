@@ -6,7 +6,8 @@ Scoring is separate from cutting (as in Torch-Pruning):
   after the BN and ReLU that follow each conv, accumulated over every calibration batch.
 - ``weight_norms(model)``: per unit, the L2 norm of each output channel's filter,
   divided by the largest norm in that conv, so it lies in [0, 1].
-- ``papm_scores``: ``alpha * norm + (1 - alpha) * (1 - APoZ)``.
+- ``papm_scores``: ``alpha * norm + (1 - alpha) * (1 - APoZ)``; criteria are small
+  callables picked by name from ``CRITERIA`` (``prune.criterion``: papm | random).
 - ``search_keep``: which channels each unit keeps so that ``1 - P/P0`` lies in
   ``[r, r + 0.005]`` exactly (see its doc), or fits a file size.
 - ``slim(model, keep)``: a dense, smaller ResNet18 built from the new width spec.
@@ -32,7 +33,7 @@ import torch.nn as nn
 
 from .data import Split
 from .loader import batches
-from .models import ResNet18, build_model, spec_params
+from .models import ResNet18, build_model, channel_plan, spec_params, with_widths
 from .util import PapmError
 
 TOLERANCE = 0.005  # the achieved reduction may exceed the target by at most half a point
@@ -52,27 +53,17 @@ class Unit:
 
 
 def units(model: ResNet18) -> list[Unit]:
-    """The prunable units of a ResNet18, in forward order."""
-    stem = Unit("stem", [(model.conv1, model.bn1)], [(model.bn1, "bn")])
-    out: list[Unit] = []
-    prev = stem
-    for s, layer in enumerate((model.layer1, model.layer2, model.layer3, model.layer4), start=1):
-        blocks = list(layer)
-        if len(blocks[0].shortcut) == 0:  # identity shortcut: the stage shares its input's channels
-            group = prev
-            group.name = f"stage{s}"
-        else:
-            if prev is stem and s == 1:  # stem feeds a projection: it is a unit of its own
-                out.append(stem)
-            group = Unit(f"stage{s}", [(blocks[0].shortcut[0], blocks[0].shortcut[1])])
-        for b, blk in enumerate(blocks):
-            out.append(Unit(f"layer{s}.{b}.inner", [(blk.conv1, blk.bn1)], [(blk.bn1, "bn")]))
-            group.convs.append((blk.conv2, blk.bn2))
-            group.acts.append((blk, "out"))
-        if not any(u is group for u in out):
-            out.append(group)
-        prev = group
-    return out
+    """The prunable units of a ResNet18 (``models.channel_plan``), each listed after the
+    last conv that writes it (forward order)."""
+    plan = channel_plan(model.spec)
+    last = {c.out: i for i, c in enumerate(plan)}
+    out: dict[str, Unit] = {}
+    for c in plan:
+        u = out.setdefault(c.out, Unit(c.out, []))
+        u.convs.append((model.get_submodule(c.conv), model.get_submodule(c.bn)))
+        if c.act:  # "bn": ReLU(BN) = 0 iff BN <= 0; "out": the block's post-addition ReLU
+            u.acts.append((model.get_submodule(c.bn if c.act == "bn" else c.conv.rsplit(".", 1)[0]), c.act))
+    return [out[name] for name in sorted(out, key=last.get)]
 
 
 @torch.no_grad()
@@ -115,22 +106,43 @@ def weight_norms(model: ResNet18) -> dict[str, np.ndarray]:
     return out
 
 
-def papm_scores(apoz_: dict[str, np.ndarray], norms: dict[str, np.ndarray],
+def papm_scores(rates: dict[str, np.ndarray], norms: dict[str, np.ndarray],
                 alpha: float = 0.5) -> dict[str, np.ndarray]:
+    """``alpha * norm + (1 - alpha) * (1 - APoZ)`` per channel (higher = kept first)."""
     if not 0.0 <= alpha <= 1.0:
         raise PapmError(f"--alpha must lie in [0, 1], got {alpha}")
-    return {k: alpha * norms[k] + (1.0 - alpha) * (1.0 - apoz_[k]) for k in apoz_}
+    return {k: alpha * norms[k] + (1.0 - alpha) * (1.0 - rates[k]) for k in rates}
+
+
+@dataclass(frozen=True)
+class Papm:
+    """The PAPM criterion: ``papm_scores`` at weight ``alpha`` on the normalised norm."""
+
+    alpha: float = 0.5
+
+    def __call__(self, rates: dict[str, np.ndarray], norms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return papm_scores(rates, norms, self.alpha)
+
+
+@dataclass(frozen=True)
+class Random:
+    """A baseline: uniform random channel scores from ``seed`` (same shapes as APoZ)."""
+
+    seed: int = 0
+
+    def __call__(self, rates: dict[str, np.ndarray], norms: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        return {k: rng.random(len(v)) for k, v in rates.items()}
+
+
+# ``prune.criterion`` -> the criterion built from a PruneConfig: each is a callable
+# (APoZ rates, normalised norms) -> per-unit channel scores, as Torch-Pruning's importances
+CRITERIA = {"papm": lambda cfg: Papm(cfg.alpha), "random": lambda cfg: Random(cfg.seed)}
 
 
 def spec_for(model: ResNet18, keep: dict[str, list[int]]) -> dict:
     """The width spec of ``model`` with each unit's width replaced by its kept count."""
-    spec = copy.deepcopy(model.spec)
-    width = {u.name: len(keep[u.name]) for u in units(model)}
-    spec["stem"] = width.get("stem", width["stage1"])
-    for s, st in enumerate(spec["stages"], start=1):
-        st["out"] = width[f"stage{s}"]
-        st["inner"] = [width[f"layer{s}.{b}.inner"] for b in range(len(st["inner"]))]
-    return spec
+    return with_widths(model.spec, {u: len(k) for u, k in keep.items()})
 
 
 def _ranked(scores: np.ndarray) -> list[int]:
@@ -207,62 +219,37 @@ def keep_by_threshold(scores: dict[str, np.ndarray], threshold: float, min_chann
     return keep
 
 
-def channel_rank_keep(apoz_: dict[str, np.ndarray], reduction: float,
+def channel_rank_keep(rates: dict[str, np.ndarray], reduction: float,
                       min_channels: int = 8) -> tuple[dict[str, list[int]], float]:
     """The original project's rule: T = the k-th largest APoZ over all N channels with
     k = round(N * r); channels with APoZ >= T are dropped (r counts channels, not params)."""
-    allv = np.sort(np.concatenate(list(apoz_.values())))[::-1]
+    allv = np.sort(np.concatenate(list(rates.values())))[::-1]
     k = int(round(len(allv) * reduction))
     t = float(allv[max(k - 1, 0)])
-    return keep_by_threshold(apoz_, np.nextafter(t, -np.inf), min_channels), t
+    return keep_by_threshold(rates, np.nextafter(t, -np.inf), min_channels), t
 
 
 @torch.no_grad()
 def slim(model: ResNet18, keep: dict[str, list[int]]) -> ResNet18:
-    """A dense model of the same class holding only the kept channels' weights."""
-    us = units(model)
+    """A dense model of the same class holding only the kept channels' weights: each conv
+    keeps the output channels of the unit it writes and the input channels of the unit it
+    reads (``models.channel_plan``), each BN those of its conv's unit."""
     new = build_model(spec_for(model, keep)).to(next(model.parameters()).device)
-    owner: dict[int, list[int]] = {}  # id(conv or bn) -> kept output channels
-    for u in us:
-        for conv, bn in u.convs:
-            owner[id(conv)] = owner[id(bn)] = keep[u.name]
-    old_mods, new_mods = dict(model.named_modules()), dict(new.named_modules())
-    last_out: dict[str, list[int]] = {}  # conv name -> its kept output channels
-    for name, old in old_mods.items():
-        dst = new_mods[name]
-        if isinstance(old, nn.Conv2d):
-            idx_out = torch.tensor(owner[id(old)])
-            idx_in = torch.tensor(_conv_input(name, last_out))
-            dst.weight.copy_(old.weight[idx_out][:, idx_in])
-            last_out[name] = owner[id(old)]
-        elif isinstance(old, nn.BatchNorm2d):
-            idx = torch.tensor(owner[id(old)])
-            for t in ("weight", "bias", "running_mean", "running_var"):
-                getattr(dst, t).copy_(getattr(old, t)[idx])
-            dst.num_batches_tracked.copy_(old.num_batches_tracked)
-        elif isinstance(old, nn.Linear):
-            idx_in = torch.tensor(keep["stage4"])
-            dst.weight.copy_(old.weight[:, idx_in])
-            dst.bias.copy_(old.bias)
+    idx = {u: torch.tensor(k) for u, k in {**keep, "input": [0, 1, 2]}.items()}
+    for c in channel_plan(model.spec):
+        new.get_submodule(c.conv).weight.copy_(model.get_submodule(c.conv).weight[idx[c.out]][:, idx[c.inp]])
+        old_bn, new_bn = model.get_submodule(c.bn), new.get_submodule(c.bn)
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            getattr(new_bn, t).copy_(getattr(old_bn, t)[idx[c.out]])
+        new_bn.num_batches_tracked.copy_(old_bn.num_batches_tracked)
+    last = f"stage{len(model.spec['stages'])}"
+    new.linear.weight.copy_(model.linear.weight[:, idx[last]])
+    new.linear.bias.copy_(model.linear.bias)
     return new.eval()
 
 
-def _conv_input(name: str, last_out: dict[str, list[int]]) -> list[int]:
-    """Kept input channels of the conv called ``name``: the output of what feeds it."""
-    if name == "conv1":
-        return [0, 1, 2]
-    layer, blk, part = name.split(".")[:3]
-    if part == "conv2":
-        return last_out[f"{layer}.{blk}.conv1"]
-    # conv1 and the shortcut read the block input: the previous block's output
-    b, s = int(blk), int(layer[-1])
-    if b > 0:
-        return last_out[f"{layer}.{b - 1}.conv2"]
-    return last_out["conv1"] if s == 1 else last_out[f"layer{s - 1}.1.conv2"]
-
-
 @torch.no_grad()
-def masked(model: ResNet18, keep: dict[str, list[int]]) -> ResNet18:
+def zeroed(model: ResNet18, keep: dict[str, list[int]]) -> ResNet18:
     """A copy of ``model`` whose dropped channels are zeroed (BN scale and shift = 0),
     which computes exactly what ``slim`` computes: for tests and explanations."""
     m = copy.deepcopy(model).eval()

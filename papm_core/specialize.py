@@ -25,7 +25,7 @@ from .evaluate import accuracy
 from .finetune import finetune
 from .loader import normalize
 from .models import count_params, spec_params
-from .prune import apoz, channel_rank_keep, keep_by_threshold, papm_scores, search_keep, slim, units, weight_norms
+from .prune import CRITERIA, apoz, channel_rank_keep, keep_by_threshold, search_keep, slim, units, weight_norms
 from .util import PapmError, resolve_device, resolve_precision, write_json
 
 
@@ -118,11 +118,7 @@ def choose_keep(base: nn.Module, calib: Split, cfg: PruneConfig) -> tuple[dict, 
     t0 = time.perf_counter()
     a = apoz(base, calib)
     norms = weight_norms(base)
-    if cfg.criterion == "random":
-        rng = np.random.default_rng(cfg.seed)
-        scores = {k: rng.random(len(v)) for k, v in a.items()}
-    else:
-        scores = papm_scores(a, norms, cfg.alpha)
+    scores = CRITERIA[cfg.criterion](cfg)(a, norms)
     t1 = time.perf_counter()
     if cfg.search == "threshold":
         keep, thr = keep_by_threshold(a, cfg.threshold, cfg.min_channels), cfg.threshold
@@ -183,20 +179,27 @@ def output_name(classes: list[int], reduction: float) -> str:
     return f"pruned_class{'-'.join(str(c) for c in classes)}_th{round(100 * reduction)}"
 
 
-def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_dir: str,
-                base_info: dict | None = None) -> Path:
-    """Write the device checkpoint and its JSON report; ``base_info`` records the base
-    model's hash and data split, so fusion rebuilds the same reference/validation sets."""
-    exact = cfg.target_size_mb is None and cfg.target_latency_ms is None
-    name = output_name(cfg.classes, cfg.params_reduction if exact else res.report["reduction"])
-    path = Path(out_dir) / f"{name}.pt"
+def save_device(path: Path, res: PruneResult, cfg: PruneConfig, class_names: list[str],
+                base_info: dict, sidecar: dict) -> Path:
+    """The device checkpoint (its architecture and weights, report, config, served classes,
+    the base model's hash and data split, so fusion and export rebuild the same splits, and
+    the precision it was fine-tuned in), then its JSON report beside it (``sidecar`` first);
+    each written whole or not at all. Used by ``papm prune`` and by a node's store alike."""
     meta = dict(class_names=class_names, metrics=res.report, config=to_dict(cfg),
-                extra={"served_classes": list(cfg.classes), "base": base_info or {},
+                extra={"served_classes": list(cfg.classes), "base": base_info,
                        "precision": dict(zip(("resolved", "why"),
                                              resolve_precision(resolve_device(cfg.device), cfg.precision)))})
     checkpoint.save(path, res.model, kind="pruned", **meta)
     res.report["file_mb"] = checkpoint.file_mb(path)
-    write_json(path.with_suffix(".json"), {"checkpoint": str(path), **res.report,
-                                           "config": to_dict(cfg)})
+    write_json(path.with_suffix(".json"), {**sidecar, **res.report, "config": to_dict(cfg)})
     res.path = path
     return path
+
+
+def save_result(res: PruneResult, cfg: PruneConfig, class_names: list[str], out_dir: str,
+                base_info: dict | None = None) -> Path:
+    """``papm prune``'s output: the device checkpoint under the original project's name."""
+    exact = cfg.target_size_mb is None and cfg.target_latency_ms is None
+    name = output_name(cfg.classes, cfg.params_reduction if exact else res.report["reduction"])
+    path = Path(out_dir) / f"{name}.pt"
+    return save_device(path, res, cfg, class_names, base_info or {}, {"checkpoint": str(path)})

@@ -1,6 +1,6 @@
 """The fused system: train the head on device embeddings, and evaluate it in split mode.
 
-``run_fuse`` loads the device checkpoints, rebuilds the base split they were pruned
+``fuse_checkpoints`` loads the device checkpoints, rebuilds the base split they were pruned
 from (recorded in each device checkpoint), embeds the public reference set (training),
 the validation split (early stopping) and nothing else, trains the head and saves it.
 ``split_eval`` reports test accuracy overall, per class and with each single device
@@ -15,15 +15,18 @@ Examples::
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import checkpoint
+from .config import FuseConfig
 from .data import load_dataset
 from .evaluate import accuracy, latency_ms
 from .fusion import cached_embed, head_accuracy, head_kind, head_latency_ms
+from .models import count_params
 from .specialize import output_name, reference_splits
 from .util import PapmError, file_sha256
 
@@ -60,21 +63,19 @@ def features(paths, models, split) -> np.ndarray:
     return np.concatenate([cached_embed(p, m, split) for p, m in zip(paths, models)], axis=1)
 
 
-def run_fuse(paths: list[Path], out: str | Path, data: str | None = None, *, epochs: int = 200,
-             batch_size: int = 128, lr: float = 5e-4, patience: int = 20,
-             device_dropout: float = 0.2, seed: int = 0, prior: str = "owner", min_gain_z: float = 1.645,
-             on_epoch=None) -> dict:
+def fuse_checkpoints(paths: list[Path], out: str | Path, data: str | None = None, cfg: FuseConfig | None = None,
+             seed: int = 0, on_epoch=None) -> dict:
     """Train and save the fusion head for these device checkpoints, exactly as the federation
-    does (``federation.fuse``: selection half, then the gate half); returns its summary."""
-    from .config import FuseConfig, to_dict
-    from .federation import fuse
+    does (``federation.train_heads``: selection half, then the gate half), one head seed; returns
+    its summary."""
+    from .config import to_dict
+    from .federation import train_heads
 
     models, metas = load_devices(paths)
     ds, ref, val = system_data(metas, data)
-    cfg = FuseConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                     device_dropout=device_dropout, head_seeds=1, prior=prior, min_gain_z=min_gain_z).validate()
+    cfg = dataclasses.replace(cfg or FuseConfig(), head_seeds=1).validate()
     idx = range(len(paths))
-    fz = fuse({i: cached_embed(paths[i], models[i], ref) for i in idx},
+    fz = train_heads({i: cached_embed(paths[i], models[i], ref) for i in idx},
               {i: cached_embed(paths[i], models[i], val) for i in idx}, ref, val, len(ds.classes), cfg, seed,
               {i: metas[i]["served_classes"] for i in idx}, on_epoch=on_epoch)
     res = fz.heads[fz.pick]
@@ -130,7 +131,7 @@ def split_eval(head_path: str | Path, base_path: str | Path | None = None, data:
            "missing_one": missing, "device_latency_ms": dev_lat, "head_latency_ms": head_lat,
            "end_to_end_ms": max(dev_lat) + head_lat,
            "device_mb": [checkpoint.file_mb(p) for p in paths], "head_mb": checkpoint.file_mb(head_path),
-           "device_params": [sum(p.numel() for p in m.parameters()) for m in models],
+           "device_params": [count_params(m) for m in models],
            "groups": [m["served_classes"] for m in metas], "threads": torch.get_num_threads()}
     if base_path:
         base, _ = checkpoint.load(base_path)
@@ -138,5 +139,5 @@ def split_eval(head_path: str | Path, base_path: str | Path | None = None, data:
         res["base"] = {"test_acc": acc.overall, "test_per_class": acc.per_class,
                        "latency_ms": latency_ms(base, runs)["median_ms"],
                        "mb": checkpoint.file_mb(base_path),
-                       "params": sum(p.numel() for p in base.parameters())}
+                       "params": count_params(base)}
     return res

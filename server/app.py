@@ -31,6 +31,7 @@ from papm_core.data import load_dataset
 from papm_core.evaluate import LATENCY_METHOD, accuracy, latency_ms
 from papm_core.federation import server_data
 from papm_core.grouping import ClassStats, group_classes, similarity
+from papm_core.models import count_params
 from papm_core.neighbours import other_runs
 from papm_core.specialize import base_split, planned_split
 from papm_core.train import train
@@ -114,7 +115,7 @@ def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int
     fig = {"sha256": sha, "path": str(base_path), "test_acc": acc.overall, "test_per_class": acc.per_class,
            "latency_ms": lat["median_ms"], "latency_blocks_ms": lat["block_medians_ms"],
            "latency_method": LATENCY_METHOD, "threads": threads, "threads_matched": matched,
-           "file_mb": checkpoint.file_mb(base_path), "params": sum(p.numel() for p in base.parameters()),
+           "file_mb": checkpoint.file_mb(base_path), "params": count_params(base),
            "test_images": len(test), "other_runs": others, "key": key or {},
            "test_class_counts": {c: int((test.y == k).sum()) for k, c in enumerate(test.classes)}}
     write_json(path, fig)

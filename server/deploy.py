@@ -136,7 +136,7 @@ def local_boxes(out: Path, base_path: Path, data: str | None, n: int, devices: l
     """
     from papm_core import checkpoint
     from papm_core.grouping import run_grouping
-    from papm_core.node import make_box
+    from papm_core.nodedata import make_box
     from papm_core.util import file_sha256
 
     folder = out / "boxes"

@@ -40,7 +40,15 @@ from clients import wire
 from papm_core import budget, checkpoint
 from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
 from papm_core.data import Dataset, Split, subsample
-from papm_core.federation import device_figures, fleet_figures, fuse, fused_figures, match_groups, save_head, stack
+from papm_core.federation import (
+    device_figures,
+    fleet_figures,
+    fused_figures,
+    match_groups,
+    save_head,
+    stack,
+    train_heads,
+)
 from papm_core.fusion import head_accuracy, head_kind, head_latency_ms
 from papm_core.grouping import ClassStats, group_classes, merge_stats, similarity
 from papm_core.node import prune_key
@@ -307,12 +315,12 @@ class PapmStrategy:
             return cfg
         return self._exchange(grid, "evaluate", msgs, self.sim.evaluate_timeout, parse)
 
-    def fuse_heads(self, ref_f: dict, val_f: dict, head_path: Path):
+    def fuse_round(self, ref_f: dict, val_f: dict, head_path: Path):
         """``head_seeds`` heads on the same embeddings; the validation split's selection half
-        picks one, its gate half keeps or drops the MLP (``federation.fuse``); saved."""
+        picks one, its gate half keeps or drops the MLP (``federation.train_heads``); saved."""
         self.report(round="fuse", done=0, total=1)
         t0 = time.monotonic()
-        fz = fuse(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg, self.seed,
+        fz = train_heads(ref_f, val_f, self.ref, self.val, len(self.ds.classes), self.fuse_cfg, self.seed,
                   {d: self.groups[d] for d in ref_f})
         res = fz.heads[fz.pick]
         devices = [{"device": d, "key": self.keys[d], "dim": dm, "classes": self.groups[d]}
@@ -360,7 +368,7 @@ class PapmStrategy:
                                                 "similarity": self.similarity.tolist()})
         pruned = self.prune_round(grid)
         ref_f, val_f = self.embed_round(grid)
-        fz, metrics = self.fuse_heads(ref_f, val_f, self.out / "fusion.pt")
+        fz, metrics = self.fuse_round(ref_f, val_f, self.out / "fusion.pt")
         ev = self.evaluate_round(grid)  # the only time test images leave the server
         y = self.test.y
         test_f = {d: r["features"] for d, r in ev.items()}

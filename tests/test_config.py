@@ -42,14 +42,26 @@ def test_unknown_preset_fails_in_one_message():
     ("[prune]\nmin_step = 10\n", r"unknown key\(s\) \['min_step'\]"),
     ("[prunes]\n", "unknown table"),
     ("[prune\n", "not valid TOML"),
-    ('[fuse]\nprior = "mean"\n', "fusion prior must be one of owner, none"),
-    ("[fuse]\nmin_gain_z = -1\n", "min_gain_z must be >= 0, got -1"),
+    ('[fuse]\nprior = "mean"\n', r"prior in \[fuse\] of .*bad.toml must be one of owner, none"),
+    ("[fuse]\nmin_gain_z = -1\n", r"min_gain_z in \[fuse\] of .*bad.toml must be >= 0, got -1"),
+    ("[prune]\nalpha = 2.0\n", r"^alpha in \[prune\] of .*bad.toml must lie in \[0, 1\], got 2.0$"),
+    ('[train]\nprecision = "fp16"\n', r"^precision in \[train\] of .*bad.toml must be one of"),
 ])
 def test_bad_presets_fail_in_one_message(tmp_path, text, message):
     bad = tmp_path / "bad.toml"
     bad.write_text(text)
     with pytest.raises(PapmError, match=message):
         load_all(str(bad))
+
+
+def test_a_bad_value_names_where_it_came_from():
+    """The same bad value is named as the --set key, the flag or the preset key it came from."""
+    from papm_core.config import load_preset
+
+    with pytest.raises(PapmError, match=r"^--set prune.alpha must lie in \[0, 1\], got 3.0$"):
+        load_preset("quick", "prune", {"alpha": "--set prune.alpha"}, classes=[0], alpha=3.0)
+    with pytest.raises(PapmError, match=r"^--alpha must lie in \[0, 1\], got 3.0$"):
+        load_preset("quick", "prune", classes=[0], alpha=3.0)
 
 
 def test_requires_python_admits_only_what_flwr_supports():

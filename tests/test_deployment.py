@@ -50,7 +50,7 @@ def test_credentials_are_valid_private_and_kept(tmp_path):
 
 
 def test_box_data_file_roundtrip_and_rejects_bad_files(cifar, tmp_path):
-    from papm_core.node import box_classes, local_data, make_box, read_box
+    from papm_core.nodedata import box_classes, local_data, make_box, read_box
 
     meta = {"class_names": cifar.classes, "config": {"val_size": 200, "seed": 0, "per_class": 40}}
     path = make_box(tmp_path / "box.npz", meta, cifar.source, [3, 7], ref_size=50)
@@ -77,7 +77,7 @@ def test_papm_shard_command(cifar, shared_archive, tmp_path):
 
     from papm_core import checkpoint
     from papm_core.models import build_model, resnet18_spec
-    from papm_core.node import read_box
+    from papm_core.nodedata import read_box
 
     base = tmp_path / "base.pt"
     checkpoint.save(base, build_model(resnet18_spec(0.125)), kind="base", class_names=cifar.classes,

@@ -93,7 +93,8 @@ def test_client_mods_time_every_reply_and_inject_only_the_asked_fault():
 def test_classes_dealt_once_and_grouping_independent_of_deal(cifar, tmp_path):
     from papm_core.grouping import group_classes, merge_stats
     from papm_core.models import build_model, resnet18_spec
-    from papm_core.node import held_classes, local_data, local_stats
+    from papm_core.node import local_stats
+    from papm_core.nodedata import held_classes, local_data
 
     for n in (2, 3, 7, 10):
         for seed in (0, 5):
@@ -220,7 +221,8 @@ def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
                       (["--devices", "2", "--set", "sim.holdings=classes:2"], "use K >= 5"),
                       (["--set", "sim.holdings=iid"], "holdings 'iid' is not understood"),
                       (["--set", "sim.budgets=0.5,fast"], "sim.budgets = 'fast': expected a parameter"),
-                      (["--set", "sim.budgets=0.5", "--set", "sim.fleet_budget=1.0x"], "not both")):
+                      (["--set", "sim.budgets=0.5", "--set", "sim.fleet_budget=1.0x"], "not both"),
+                      (["--set", "prune.alpha=2"], "--set prune.alpha must lie in [0, 1], got 2")):
         r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", tmp_path / "bad", *args)
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()

@@ -8,6 +8,7 @@ import torch
 from helpers import run_cli, write_tree
 
 from papm_core import checkpoint, loader
+from papm_core.config import FuseConfig
 from papm_core.data import load_dataset, subsample
 from papm_core.fusion import (
     build_head,
@@ -24,7 +25,7 @@ from papm_core.fusion import (
 )
 from papm_core.loader import normalize
 from papm_core.models import build_model, resnet18_spec
-from papm_core.system import load_system, run_fuse, split_eval
+from papm_core.system import fuse_checkpoints, load_system, split_eval
 from papm_core.util import PapmError
 
 
@@ -123,7 +124,7 @@ def test_training_keeps_the_prior_unless_it_beats_it():
         lp = torch.where(torch.rand(len(y), 1, generator=gen) < 0.8, lp, lp.roll(1, 1))  # 80 %
         return torch.cat([torch.randn(len(y), 2, generator=gen), lp, torch.randn(len(y), 6, generator=gen)], 1)
     tr, va = feats(y), feats(y)
-    res = train_head(tr.numpy(), y.numpy(), va.numpy(), y.numpy(), [6, 6], 4, epochs=5, patience=5,
+    res = train_head(tr.numpy(), y.numpy(), va.numpy(), y.numpy(), [6, 6], 4, FuseConfig(epochs=5, patience=5),
                      owners=[[0, 1, 2, 3], []])
     prior = 100.0 * (res.head.owner_prior(va, torch.ones(200, 2)).argmax(1) == y).float().mean().item()
     assert abs(prior - 80.0) < 8.0 and res.prior_val == prior
@@ -159,7 +160,7 @@ def test_mlp_kept_only_on_a_significant_gain_on_the_gate_half():
     passes 1.645; an unreachable threshold gives back the prior exactly."""
     gen = torch.Generator().manual_seed(1)
     (tr, ytr), (va, yva), (ga, yga) = (_informative_features(n, gen) for n in (400, 300, 300))
-    kw = dict(epochs=30, patience=30, owners=[[0, 1, 2, 3]])
+    kw = dict(cfg=FuseConfig(epochs=30, patience=30), owners=[[0, 1, 2, 3]])
     res = gate(train_head(tr.numpy(), ytr.numpy(), va.numpy(), yva.numpy(), [6], 4, **kw),
                ga.numpy(), yga.numpy(), 1.645)
     assert res.best_epoch > 0 and res.kept_mlp and res.gain_z >= 1.645 and head_kind(res) == "prior + MLP"
@@ -199,7 +200,7 @@ def test_missing_device_above_chance(cifar):
     f_tr = np.concatenate([embed(m, tr) for m in models], 1)
     f_va = np.concatenate([embed(m, va) for m in models], 1)
     res = train_head(f_tr, tr.y.numpy(), f_va, va.y.numpy(), [embedding_dim(m) for m in models], 3,
-                     epochs=60, patience=60, lr=2e-3, device_dropout=0.3)
+                     FuseConfig(epochs=60, patience=60, lr=2e-3, device_dropout=0.3))
     fv = torch.as_tensor(f_va)
     for i in range(2):
         mask = torch.ones(len(fv), 2)
@@ -226,7 +227,7 @@ def test_fuse_never_reads_test_and_eval(system, monkeypatch, tmp_path):
     d, tree, bpath, paths = system
     monkeypatch.setenv("PAPM_CACHE", str(tmp_path / "cache"))
     loader.READS.clear()
-    res = run_fuse(paths, tmp_path / "head.pt", str(tree), epochs=3, patience=3)
+    res = fuse_checkpoints(paths, tmp_path / "head.pt", str(tree), FuseConfig(epochs=3, patience=3))
     assert loader.READS["test"] == 0 and loader.READS["ref"] == 16 * 2 and loader.READS["val"] > 0
     assert res["epochs_run"] == 3
     r = split_eval(tmp_path / "head.pt", bpath, str(tree), runs=200)
@@ -242,7 +243,7 @@ def test_fuse_never_reads_test_and_eval(system, monkeypatch, tmp_path):
 def test_head_against_wrong_devices(system, tmp_path, monkeypatch):
     d, tree, bpath, paths = system
     monkeypatch.setenv("PAPM_CACHE", str(tmp_path / "cache"))
-    run_fuse(paths, tmp_path / "head.pt", str(tree), epochs=1, patience=1)
+    fuse_checkpoints(paths, tmp_path / "head.pt", str(tree), FuseConfig(epochs=1, patience=1))
     with pytest.raises(PapmError, match="does not match"):
         load_system(tmp_path / "head.pt", [str(paths[1]), str(paths[0])])
     with pytest.raises(PapmError, match="expects 2 device models"):

@@ -131,11 +131,11 @@ def test_a_box_states_its_budget_in_its_node_config(tmp_path):
     one is the node's one-line error (the strategy masks that box)."""
     from flwr.app import Context, RecordDict
 
-    from clients.app import Node
+    from clients.app import NodeSetup
     from papm_core.util import PapmError
 
     def node(**nc):
-        return Node(Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+        return NodeSetup(Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                             node_config={"name": "pi4", "data": "x.npz", "store": str(tmp_path), **nc}))
     n = node(budget="2.5ms", runtime="onnxruntime-int8")
     assert (n.budget, n.runtime, n.simulated) == ("2.5ms", "onnxruntime-int8", False)
@@ -180,7 +180,7 @@ def test_non_finite_embeddings_mask_the_node(strategy):
 
 def _stats_reply(strategy, fail: int | None):
     from clients import wire
-    from papm_core.node import held_classes
+    from papm_core.nodedata import held_classes
 
     def reply(m):
         dev = strategy.nodes.index(m.metadata.dst_node_id)

@@ -15,7 +15,17 @@ from papm_core import checkpoint
 from papm_core.config import PruneConfig
 from papm_core.data import Split
 from papm_core.models import build_model, count_params, resnet18_spec, spec_params
-from papm_core.prune import _ranked, apoz, masked, papm_scores, search_keep, slim, spec_for, units, weight_norms
+from papm_core.prune import (
+    _ranked,
+    apoz,
+    papm_scores,
+    search_keep,
+    slim,
+    spec_for,
+    units,
+    weight_norms,
+    zeroed,
+)
 from papm_core.specialize import choose_keep
 from papm_core.util import PapmError
 
@@ -68,6 +78,16 @@ def test_weight_norm_normalised_and_alpha_ranking():
     low_apoz = _ranked(papm_scores(ap, nm, 0.0)["u"])
     low_norm = _ranked(papm_scores(ap, nm, 1.0)["u"])
     assert low_apoz[0] == k - 1 and low_norm[0] == 0
+    # the criteria registry builds the same scores from a config, and a random baseline
+    from papm_core.config import CRITERIA as NAMES
+    from papm_core.config import PruneConfig
+    from papm_core.prune import CRITERIA
+
+    assert tuple(CRITERIA) == NAMES
+    papm = CRITERIA["papm"](PruneConfig(classes=[0], alpha=0.0))(ap, nm)["u"]
+    assert np.array_equal(papm, papm_scores(ap, nm, 0.0)["u"])
+    rnd = [CRITERIA["random"](PruneConfig(classes=[0], seed=s))(ap, nm)["u"] for s in (0, 0, 1)]
+    assert rnd[0].shape == (k,) and np.array_equal(rnd[0], rnd[1]) and not np.array_equal(rnd[0], rnd[2])
     mix = papm_scores({"u": np.array([0.5, 0.1, 0.0])}, {"u": np.array([0.2, 0.3, 0.9])}, 0.5)["u"]
     assert np.allclose(mix, [0.35, 0.6, 0.95])
     with pytest.raises(PapmError):
@@ -111,7 +131,7 @@ def test_slim_equals_masked_and_groups_consistent():
             for u in units(m)}
     s = slim(m, keep)
     x = torch.randn(6, 3, 32, 32)
-    assert torch.allclose(s(x), masked(m, keep)(x), atol=1e-5)
+    assert torch.allclose(s(x), zeroed(m, keep)(x), atol=1e-5)
     assert not torch.allclose(s(x), m(x), atol=1e-3)
     assert count_params(s) == spec_params(s.spec) < count_params(m)
     for st in (2, 3, 4):  # every coupled layer of a stage keeps the same channels
