@@ -99,3 +99,27 @@ def test_eval_of_an_onnx_file_scores_as_the_checkpoint_does(base):
     bad.write_bytes(b"not an onnx file")
     r = run_cli("eval", bad, "--data", tree)
     assert r.returncode == 2 and r.stderr.startswith(f"papm: error: {bad}") and len(r.stderr.splitlines()) == 1
+
+
+def test_a_device_is_timed_in_the_runtime_it_was_pruned_for(tmp_path):
+    """The evaluate round's latency comes from the runtime in the device model's config
+    (int8 calibrated on the images the node supplies), and is cached per runtime."""
+    from papm_core.node import evaluate_images
+
+    torch.manual_seed(0)
+    model = build_model(resnet18_spec(0.125, 3)).eval()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8).numpy()
+    asked = []
+
+    def calib(classes):
+        asked.append(classes)
+        return torch.randn(16, 3, 32, 32)
+    for runtime in ("torch", "onnxruntime-int8"):
+        path = tmp_path / f"{runtime}.pt"
+        checkpoint.save(path, model, kind="pruned", class_names=["a", "b", "c"], metrics={},
+                        config={"runtime": runtime}, extra={"served_classes": [0, 2]})
+        res = evaluate_images(path, x, tmp_path / "store", 200, calib)
+        assert res["runtime"] == runtime and res["latency_ms"] > 0 and res["pred"].shape == (6,)
+    assert asked == [[0, 2]]  # only int8 calibrates, on the device's own classes
+    names = sorted(p.name for p in (tmp_path / "store" / "latency").iterdir())
+    assert len(names) == 2 and any(n.endswith("-onnxruntime-int8.json") for n in names)
