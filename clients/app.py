@@ -106,19 +106,20 @@ def stats(msg: Message, ctx: Context) -> Message:
     cfg = wire.config_of(msg.content, ("split", "num_classes"))
     ident = {"name": node.name, "partition": node.partition, "simulated": node.simulated,
              "holdings": node.holdings, "budget": node.budget, "runtime": node.runtime}
+    data = None
     if node.fixed:  # what it holds decides which group it serves (image counts per class)
         data = node.data(cfg["split"])
         held, held_n = holding_of(data)
         stat_classes = sorted(set(data.val.y.unique().tolist()))  # all its held-out images
-    else:
-        held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed) \
-            if node.simulated else sorted(set(node.data(cfg["split"]).val.y.unique().tolist()))
+    else:  # a simulated node of group holdings: the classes dealt to it
+        held = held_classes(int(cfg["num_classes"]), node.partition, node.partitions, node.deal_seed)
         held_n, stat_classes = [], held
     ident.update(held=held, held_n=held_n)
     if cfg.get("identify_only"):
         return _reply(msg, ident)
     base = wire.model_from(msg.content, wire.config_of(msg.content, ("spec",))["spec"])
-    st = local_stats(base, node.data(cfg["split"], stat_classes), stat_classes)
+    # local_stats keeps the given classes itself: a node with fixed data is read once
+    st = local_stats(base, data if data is not None else node.data(cfg["split"], stat_classes), stat_classes)
     arrays = {k: getattr(st, k) for k in ("count", "prob_sum", "outer_sum", "logit_sum")}
     return _reply(msg, ident, arrays)
 
