@@ -38,13 +38,13 @@ from clients import wire
 from clients.mods import compute_time, test_faults
 from clients.runconfig import RunConfig
 from papm_core import budget
-from papm_core.config import RUNTIMES, PruneConfig, from_dict
-from papm_core.data import Split
+from papm_core.config import RUNTIMES, from_dict
+from papm_core.data import Split, spread
+from papm_core.export import CALIB_IMAGES
 from papm_core.finetune import epoch_images, finetune_epochs
 from papm_core.loader import normalize
 from papm_core.node import embed_images, ensure_pruned, evaluate_images, find_pruned, local_stats
 from papm_core.nodedata import held_classes, holding_of, local_data
-from papm_core.specialize import calibration
 from papm_core.util import PapmError, atomic_write
 
 app = ClientApp(mods=[compute_time, test_faults])  # compute_s on every reply; test-only faults
@@ -180,7 +180,7 @@ def evaluate(msg: Message, ctx: Context) -> Message:
 
     def calib(classes: list[int]):  # an int8 runtime's calibration: the node's own training images
         shard = node.data(cfg["split"], classes).private
-        return normalize(calibration(shard, PruneConfig(classes=classes, calib_size=256)).x)
+        return normalize(spread(shard, CALIB_IMAGES, len(classes)).x)
     res = evaluate_images(path, wire.images(msg.content, "test"), node.store, int(cfg.get("latency_runs", 200)),
                           calib if "split" in cfg else None)
     arrays = {"features": res.pop("features"), "pred": res.pop("pred")}

@@ -334,3 +334,10 @@ def subsample(split: Split, per_class: int, seed: int = 0) -> Split:
     y = split.y.cpu().numpy()
     idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
     return split.take(np.sort(idx))
+
+
+def spread(split: Split, n: int, n_classes: int, seed: int = 0) -> Split:
+    """At most ``n`` images of ``split``, spread evenly over its ``n_classes`` classes (a
+    seeded ``subsample``): the APoZ calibration set and an int8 runtime's calibration."""
+    sub = subsample(split, -(-n // n_classes), seed)
+    return sub.take(torch.arange(min(n, len(sub))))

@@ -26,7 +26,6 @@ Example: ``papm export checkpoints/pruned_class3-5_th77.pt --format onnx --int8 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -36,13 +35,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint
-from .data import Split, load_dataset, subsample
+from .data import Split, load_dataset, spread
 from .evaluate import quietest_median_ms
 from .loader import MEAN, STD, normalize
 from .util import PapmError, atomic_write
 
 TOLERANCE = 1e-3  # max |logit difference| against PyTorch (fp32 on CPU: about 1e-5 in practice)
 BATCH = 256       # images per onnxruntime call when scoring a split
+CALIB_IMAGES = 256  # int8 calibration: training images of the model's own classes
 
 
 def _runtime():
@@ -133,7 +133,7 @@ def _write(model: nn.Module, meta: dict, path: Path) -> None:
 def parity_images(data: str | None, n: int) -> torch.Tensor:
     """``n`` real training images, spread evenly over the classes, normalised."""
     ds = load_dataset(data)
-    x = subsample(ds.train, math.ceil(n / len(ds.classes)), seed=0).x[:n]
+    x = spread(ds.train, n, len(ds.classes)).x
     return normalize(x)
 
 
@@ -209,7 +209,7 @@ def int8_check(fp32: Path, int8: Path, val: Split, served: list[int]) -> dict:
 
 
 def export_onnx(ckpt: str | Path, out: str | Path, data: str | None = None, images: int = 512,
-                tolerance: float = TOLERANCE, int8: bool = False, calib_images: int = 256) -> dict:
+                tolerance: float = TOLERANCE, int8: bool = False, calib_images: int = CALIB_IMAGES) -> dict:
     """Write ``out`` (ONNX; int8 if ``int8``) from checkpoint ``ckpt`` once its fp32 graph
     matches PyTorch within ``tolerance`` on ``images`` real images; returns the parity
     figures, the int8 figures (``int8``) and the file size."""
@@ -230,10 +230,10 @@ def export_onnx(ckpt: str | Path, out: str | Path, data: str | None = None, imag
             final = scratch / "model.onnx"
             if int8:
                 calib, val, served = _splits(meta, data)
-                calib = subsample(calib, math.ceil(calib_images / len(served)), seed=0)
-                quantize(final, scratch / "int8.onnx", normalize(calib.x[:calib_images]).numpy())
+                calib = spread(calib, calib_images, len(served))
+                quantize(final, scratch / "int8.onnx", normalize(calib.x).numpy())
                 _tag(scratch / "int8.onnx", meta, "int8")
-                result["int8"] = {"calib_images": min(calib_images, len(calib)),
+                result["int8"] = {"calib_images": len(calib),
                                   **int8_check(final, scratch / "int8.onnx", val, served)}
                 final = scratch / "int8.onnx"
             shutil.copyfile(final, tmp)

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 from . import budget, checkpoint
 from .config import PruneConfig, to_dict
-from .data import Dataset, Split, base_val_size, carve, fit_split, subsample, train_val_split
+from .data import Dataset, Split, base_val_size, carve, fit_split, spread, train_val_split
 from .evaluate import accuracy
 from .finetune import finetune
 from .loader import normalize
@@ -109,8 +108,7 @@ def device_data(ds: Dataset, base_meta: dict, cfg: PruneConfig, device) -> Devic
 
 def calibration(shard: Split, cfg: PruneConfig) -> Split:
     """At most ``calib_size`` images of the shard, spread evenly over its classes (APoZ)."""
-    calib = subsample(shard, -(-cfg.calib_size // len(cfg.classes)), cfg.seed)
-    return calib.take(torch.arange(min(cfg.calib_size, len(calib))))
+    return spread(shard, cfg.calib_size, len(cfg.classes), cfg.seed)
 
 
 def choose_keep(base: nn.Module, calib: Split, cfg: PruneConfig) -> tuple[dict, dict]:
