@@ -120,10 +120,14 @@ def resolve(args) -> tuple[dict, list[int], Path]:
 
 def run_config(n: int, out: Path, cfg: dict, args, base: str = "") -> dict:
     threads = os.cpu_count() or 1
+    client = int(cfg["sim"]["client_cpus"] or threads)
     rc = {"out": str(out), "devices": n, "config": str(out / "config.json"),
           "base": base or (str(Path(args.base).resolve()) if args.base else ""),
           "data": str(Path(args.data).resolve()) if args.data and Path(args.data).exists() else (args.data or ""),
-          "store": str(out / "store"), "client-threads": int(cfg["sim"]["client_cpus"] or threads),
+          "store": str(out / "store"), "client-threads": client,
+          # fewer nodes than one-client core shares (N = 1 on 2 cores): fine-tuning takes the
+          # idle cores too; latencies are still timed at client-threads
+          "train-threads": max(client, threads // n),
           "deal-seed": int(cfg["sim"]["deal_seed"]), "holdings": str(cfg["sim"]["holdings"]),
           "git-commit": git_commit(),
           "engine": ("deployment: " + args.attach if args.attach else

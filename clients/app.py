@@ -45,7 +45,7 @@ from papm_core.finetune import epoch_images, finetune_epochs
 from papm_core.loader import normalize
 from papm_core.node import embed_images, ensure_pruned, evaluate_images, find_pruned, local_stats
 from papm_core.nodedata import held_classes, holding_of, local_data
-from papm_core.util import PapmError, atomic_write
+from papm_core.util import PapmError, atomic_write, torch_threads
 
 app = ClientApp(mods=[compute_time, test_faults])  # compute_s on every reply; test-only faults
 
@@ -77,6 +77,8 @@ class NodeSetup:
         threads = rc.client_threads
         if threads > 0:
             torch.set_num_threads(threads)  # match this client's CPU share: no oversubscription
+        # fine-tuning may use cores no other client does (N below the cores): sim.py decides
+        self.train_threads = rc.train_threads if self.simulated else 0
 
     def data(self, split: dict, held: list[int] | None = None):
         """This node's data (``papm_core.nodedata.local_data``), cut to its part under holdings."""
@@ -147,10 +149,12 @@ def prune(msg: Message, ctx: Context) -> Message:
     own = int(torch.isin(data.private.y, torch.tensor(pcfg.classes)).sum())
     per_epoch = epoch_images(pcfg, own, len(data.private))
     node.progress(stage="prune", classes=pcfg.classes, epoch=0, epochs=finetune_epochs(pcfg, per_epoch))
-    path, report, reused = ensure_pruned(
-        base, cfg["base_sha256"], data, pcfg, cfg["split"], public, node.store,
-        on_epoch=lambda h: node.progress(stage="prune", classes=pcfg.classes, epoch=h["epoch"],
-                                         epochs=h.get("epochs", pcfg.epochs)))
+    # a latency budget is searched at the thread count the device is timed with
+    with torch_threads(node.train_threads if pcfg.target_latency_ms is None else 0):
+        path, report, reused = ensure_pruned(
+            base, cfg["base_sha256"], data, pcfg, cfg["split"], public, node.store,
+            on_epoch=lambda h: node.progress(stage="prune", classes=pcfg.classes, epoch=h["epoch"],
+                                             epochs=h.get("epochs", pcfg.epochs)))
     node.progress(stage="idle")
     keep = ("params", "base_params", "reduction", "target_reduction", "param_mb", "file_mb",
             "threshold", "layers", "finetune", "prune_seconds", "finetune_seconds", "key", "latency_search")

@@ -23,6 +23,7 @@ class RunConfig:
     data: str = ""                 # data source; "" = $PAPM_DATA or torchvision's download
     store: str = ""                # simulated nodes' store; boxes set `store` in their node config
     client_threads: int = 0        # torch threads per simulated client; 0 = torch's default
+    train_threads: int = 0         # torch threads while a simulated client fine-tunes; 0 = client_threads
     deal_seed: int = 0             # how classes are dealt to nodes before grouping
     holdings: str = "group"        # simulated nodes' data (papm_core.holdings)
     budgets: str = ""              # per-device budgets, cycled (sim.budgets): "0.5, 1.2MB, 2.5ms"

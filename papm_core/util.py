@@ -15,6 +15,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -146,6 +147,19 @@ def precision_line(device: torch.device, precision: str = "auto") -> str:
 def autocast(device: torch.device, precision: str = "auto"):
     """The training-loop autocast context for ``precision`` on ``device``."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, precision))
+
+
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` (> 0) inside the block, restored after;
+    ``n`` <= 0 leaves it as it is."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def seed_everything(seed: int) -> None:

@@ -35,7 +35,7 @@ from papm_core.models import count_params
 from papm_core.neighbours import other_runs
 from papm_core.specialize import base_split, planned_split
 from papm_core.train import train
-from papm_core.util import PapmError, file_sha256, provenance, write_json
+from papm_core.util import PapmError, file_sha256, provenance, torch_threads, write_json
 from strategies.papm import PapmStrategy, test_split
 
 app = ServerApp()
@@ -106,12 +106,8 @@ def base_figures(base, base_path: Path, test, out: Path, runs: int, threads: int
                                                                key or {}) and (others or not old.get("other_runs")):
             return old
     acc = accuracy(base, test)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         lat = latency_ms(base, runs)
-    finally:
-        torch.set_num_threads(before)
     fig = {"sha256": sha, "path": str(base_path), "test_acc": acc.overall, "test_per_class": acc.per_class,
            "latency_ms": lat["median_ms"], "latency_blocks_ms": lat["block_medians_ms"],
            "latency_method": LATENCY_METHOD, "threads": threads, "threads_matched": matched,

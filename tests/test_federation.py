@@ -462,3 +462,29 @@ def test_run_folder_with_other_data_is_refused(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "data.fingerprint" in r.stderr and "--force" in r.stderr and "--out" in r.stderr
     assert (out / "config.json").read_bytes() == before
+
+
+def test_fine_tuning_takes_the_cores_no_other_client_uses(monkeypatch):
+    """On 2 cores with one-core clients, N = 1 fine-tunes on both cores (train-threads 2)
+    while latencies stay timed at the client's 1 thread; N >= 2 keeps one thread each."""
+    sys.path.insert(0, str(ROOT))
+    import sim
+    from clients.app import NodeSetup
+    from clients.runconfig import RunConfig
+
+    monkeypatch.setattr(sim.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sim, "git_commit", lambda: "")
+    args = sim.parse_args(["--preset", "quick"])
+    cfg = {"sim": {"client_cpus": 1, "deal_seed": 0, "holdings": "group"}}
+    rcs = {n: sim.run_config(n, Path("/tmp/x"), cfg, args) for n in (1, 2, 5)}
+    assert [(rcs[n]["client-threads"], rcs[n]["train-threads"]) for n in (1, 2, 5)] == [(1, 2), (1, 1), (1, 1)]
+    run = RunConfig.read(rcs[1])
+    assert (run.client_threads, run.train_threads) == (1, 2)
+    from flwr.app import Context, RecordDict
+    before = torch.get_num_threads()
+    try:
+        node = NodeSetup(Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
+                                 state=RecordDict(), run_config=rcs[1]))
+        assert node.train_threads == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
