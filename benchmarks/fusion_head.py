@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from papm_core import checkpoint  # noqa: E402
 from papm_core.config import FuseConfig  # noqa: E402
 from papm_core.data import Split, load_dataset  # noqa: E402
-from papm_core.fusion import build_head, embed, embedding_dim, gate, halves, head_accuracy, random_mask, train_head  # noqa: E402
+from papm_core.embedding import embed, embedding_dim  # noqa: E402
+from papm_core.fusion import build_head, gate, halves, head_accuracy, random_mask, train_head  # noqa: E402
 from papm_core.loader import batches  # noqa: E402
 from papm_core.specialize import base_split, reference_splits  # noqa: E402
 

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from papm_core import checkpoint
+from papm_core.embedding import embed
 from papm_core.evaluate import latency_ms
 from papm_core.export import export_onnx, onnx_latency_ms, run, session
-from papm_core.fusion import embed, head_accuracy
+from papm_core.fusion import head_accuracy
 from papm_core.loader import normalize
 from papm_core.models import count_params
 from papm_core.system import system_data

@@ -10,7 +10,7 @@ Message types (the strategy in ``strategies/papm.py`` sends them):
   and the data's content hash (part of the model key), never weights.
 - ``query.embed``: public and validation images, no labels -> frozen embeddings of the
   node's pruned model (pooled features and its own class log-probabilities,
-  ``papm_core.fusion.device_embedding``).
+  ``papm_core.embedding.device_embedding``).
 - ``evaluate``: test images, no labels -> embeddings, the model's own predictions, and
   this node's batch-1 latency measured here.
 

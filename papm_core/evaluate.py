@@ -118,3 +118,15 @@ def throughput(model: nn.Module, batch_size: int = 256, iters: int = 5,
     sync()
     dt = time.perf_counter() - t0
     return {"images_per_s": batch_size * iters / dt, "batch_size": batch_size}
+
+
+@torch.no_grad()
+def head_latency_ms(head: torch.nn.Module, feats: torch.Tensor, mask: torch.Tensor | None = None,
+                    runs: int = 200) -> float:
+    """Batch-1 time of the head alone, in ms: the quietest of five blocks' medians of at
+    least 200 timed runs each (``evaluate.quietest_median_ms``)."""
+    head.eval()
+    one, m = feats[:1], None if mask is None else mask[:1]
+    for _ in range(10):
+        head(one, m)
+    return quietest_median_ms(lambda: head(one, m), runs)["median_ms"]

@@ -4,7 +4,7 @@ int8, checked against PyTorch on real images before the file appears; time ONNX 
 The graph takes normalised float32 images [batch, 3, 32, 32] (``loader.normalize``: the
 mean and std ride in the file's metadata, with the class names, the served classes and
 the papm spec) and returns two outputs: ``logits`` [batch, num_classes] and ``embedding``
-(``fusion.device_embedding``: what a device uploads to the fusion head); the batch
+(``embedding.device_embedding``: what a device uploads to the fusion head); the batch
 dimension is dynamic.
 
 - fp32: both outputs are compared with PyTorch on ``images`` real training images spread

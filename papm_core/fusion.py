@@ -1,9 +1,9 @@
 """Fusion head over frozen device embeddings, with device dropout: ``train_head(...) -> FuseResult``.
 
-Devices upload only embeddings (``embed``) of the server's public reference set: per image,
-their pooled features (``forward_head(..., pre_logits=True)``) and their own classifier's log-probabilities over all
-classes (``device_embedding``); the server trains the head on them, stops early on
-validation embeddings and reports on test embeddings.
+Devices upload only embeddings of the server's public reference set (``papm_core.embedding``:
+per image, pooled features and their own classifier's log-probabilities over all classes);
+the server trains the head on them, stops early on validation embeddings and reports on
+test embeddings.
 
 The head (``FusionHead``) normalises each device's embedding with its own BatchNorm,
 multiplies it by that device's presence mask (0 = missing), rescales the present
@@ -25,9 +25,7 @@ Example: ``papm fuse --ckpts checkpoints/pruned_class0-1-8-9_th77.pt checkpoints
 from __future__ import annotations
 
 import copy
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,10 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import FuseConfig
-from .data import Split, cache_dir
-from .evaluate import eval_batch_size, quietest_median_ms
-from .loader import batches
-from .util import PapmError, atomic_write, file_sha256
+from .embedding import device_embedding
+from .util import PapmError
 
 
 class FusionHead(nn.Module):
@@ -109,29 +105,6 @@ def build_head(dims: list[int], num_classes: int, hidden: int = 512, dropout: fl
     return FusionHead(spec)
 
 
-def device_embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What a device uploads per normalised image: its pooled features and its own
-    classifier's log-probabilities over all classes, float32 [n, num_features + K]."""
-    f = model.forward_head(model.forward_features(x), pre_logits=True).float()
-    return torch.cat([f, F.log_softmax(model.get_classifier()(f).float(), 1)], 1)
-
-
-def embedding_dim(model: nn.Module) -> int:
-    """Width of ``device_embedding``: num_features + the classifier's class count."""
-    return int(model.num_features) + int(model.num_classes)
-
-
-@torch.no_grad()
-def embed(model: nn.Module, images: Split, batch_size: int | None = None) -> np.ndarray:
-    """Frozen embeddings (float32 [n, d + K], ``device_embedding``) of ``images``."""
-    model.eval()
-    dev = next(model.parameters()).device
-    batch_size = batch_size or eval_batch_size(dev)
-    out = [device_embedding(model, x).cpu()
-           for x, _ in batches(images.to(dev), batch_size, train=False, channels_last=True)]
-    return torch.cat(out).numpy() if out else np.zeros((0, embedding_dim(model)), np.float32)
-
-
 @torch.no_grad()
 def fused_logits(head: FusionHead, models: list[nn.Module], x: torch.Tensor,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,29 +112,6 @@ def fused_logits(head: FusionHead, models: list[nn.Module], x: torch.Tensor,
     head.eval()
     feats = torch.cat([device_embedding(m.eval(), x) for m in models], 1)
     return head(feats, mask)
-
-
-def images_key(split: Split) -> str:
-    """Content hash of a split's images and labels (what an embedding depends on)."""
-    h = hashlib.sha256(split.x.cpu().numpy().tobytes())
-    h.update(split.y.cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
-
-
-def cached_embed(ckpt_path: str | Path, model: nn.Module, images: Split,
-                 root: Path | None = None) -> np.ndarray:
-    """``embed`` cached on disk by (device checkpoint sha256, images hash)."""
-    # "e2": features + log-probabilities (entries of the features-only format are not read)
-    key = f"{file_sha256(ckpt_path)[:32]}-{images_key(images)}-e2"
-    path = (root or cache_dir() / "embeddings") / f"{key}.npy"
-    if path.is_file():
-        try:
-            return np.load(path)
-        except (OSError, ValueError):
-            pass  # damaged cache entry: recompute
-    emb = embed(model, images)
-    atomic_write(path, lambda p: np.save(open(p, "wb"), emb))
-    return emb
 
 
 def random_mask(n: int, n_dev: int, p: float, gen: torch.Generator) -> torch.Tensor:
@@ -172,18 +122,6 @@ def random_mask(n: int, n_dev: int, p: float, gen: torch.Generator) -> torch.Ten
         keep = torch.randint(0, n_dev, (int(empty.sum()),), generator=gen)
         mask[empty.nonzero().flatten(), keep] = 1.0
     return mask
-
-
-@torch.no_grad()
-def head_latency_ms(head: FusionHead, feats: torch.Tensor, mask: torch.Tensor | None = None,
-                    runs: int = 200) -> float:
-    """Batch-1 time of the head alone, in ms: the quietest of five blocks' medians of at
-    least 200 timed runs each (``evaluate.quietest_median_ms``)."""
-    head.eval()
-    one, m = feats[:1], None if mask is None else mask[:1]
-    for _ in range(10):
-        head(one, m)
-    return quietest_median_ms(lambda: head(one, m), runs)["median_ms"]
 
 
 @dataclass

@@ -24,8 +24,8 @@ import torch.nn as nn
 from . import checkpoint
 from .config import PruneConfig, to_dict
 from .data import Split
+from .embedding import cached_embed
 from .evaluate import LATENCY_METHOD, latency_ms
-from .fusion import cached_embed
 from .grouping import ClassStats, class_stats
 from .models import count_params
 from .nodedata import LocalData

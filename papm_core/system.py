@@ -24,8 +24,9 @@ import torch
 from . import checkpoint
 from .config import FuseConfig
 from .data import load_dataset
-from .evaluate import accuracy, latency_ms
-from .fusion import cached_embed, head_accuracy, head_kind, head_latency_ms
+from .embedding import cached_embed
+from .evaluate import accuracy, head_latency_ms, latency_ms
+from .fusion import head_accuracy, head_kind
 from .models import count_params
 from .specialize import output_name, reference_splits
 from .util import PapmError, file_sha256

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .data import Split
-from .fusion import images_key
+from .embedding import images_key
 from .loader import READS, normalize
 from .util import atomic_write, autocast, use_bf16
 

@@ -40,6 +40,7 @@ from clients import wire
 from papm_core import budget, checkpoint
 from papm_core.config import FuseConfig, PruneConfig, SimConfig, to_dict
 from papm_core.data import Dataset, Split, subsample
+from papm_core.evaluate import head_latency_ms
 from papm_core.federation import (
     device_figures,
     fleet_figures,
@@ -49,7 +50,7 @@ from papm_core.federation import (
     stack,
     train_heads,
 )
-from papm_core.fusion import head_accuracy, head_kind, head_latency_ms
+from papm_core.fusion import head_accuracy, head_kind
 from papm_core.grouping import ClassStats, group_classes, merge_stats, similarity
 from papm_core.node import prune_key
 from papm_core.util import PapmError, write_json

@@ -24,7 +24,7 @@ pytest.importorskip("flwr")
 
 
 # --- fast: messages, dealing, matching -----------------------------------------------------
-def test_wire_rejects_malformed_messages():
+def test_wire_rejects_malformed_messages(monkeypatch):
     from clients import wire
     from papm_core.models import build_model, resnet18_spec
 
@@ -39,13 +39,10 @@ def test_wire_rejects_malformed_messages():
         wire.images(wire.pack({"key": "k"}), "test")
     with pytest.raises(wire.WireError, match="lacks key"):
         wire.config_of(wire.pack({"other": 1}), ("key",))
-    old = wire.MAX_ARRAY_BYTES
-    try:
-        wire.MAX_ARRAY_BYTES = 1000
+    with monkeypatch.context() as mp:
+        mp.setattr(wire, "MAX_ARRAY_BYTES", 1000)
         with pytest.raises(wire.WireError, match="exceeds"):
             wire.images(ok, "test")
-    finally:
-        wire.MAX_ARRAY_BYTES = old
     # a model survives the trip exactly; a wrong spec is one WireError, not a crash
     torch.manual_seed(0)
     model = build_model(resnet18_spec(0.125)).eval()
@@ -481,10 +478,9 @@ def test_fine_tuning_takes_the_cores_no_other_client_uses(monkeypatch):
     run = RunConfig.read(rcs[1])
     assert (run.client_threads, run.train_threads) == (1, 2)
     from flwr.app import Context, RecordDict
-    before = torch.get_num_threads()
-    try:
+
+    from papm_core.util import torch_threads
+    with torch_threads(torch.get_num_threads()):  # NodeSetup sets this process's threads
         node = NodeSetup(Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 1},
                                  state=RecordDict(), run_config=rcs[1]))
         assert node.train_threads == 2 and torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

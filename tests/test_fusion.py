@@ -10,11 +10,9 @@ from helpers import run_cli, write_tree
 from papm_core import checkpoint, loader
 from papm_core.config import FuseConfig
 from papm_core.data import load_dataset, subsample
+from papm_core.embedding import cached_embed, embed, embedding_dim
 from papm_core.fusion import (
     build_head,
-    cached_embed,
-    embed,
-    embedding_dim,
     fused_logits,
     gate,
     head_accuracy,

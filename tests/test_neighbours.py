@@ -12,6 +12,7 @@ from pathlib import Path
 from papm_core import neighbours
 from papm_core.neighbours import Watch, other_runs, run_marker
 from papm_core.report import shared_machine_note
+from papm_core.util import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLDER = ("import sys, time\nfrom papm_core.neighbours import run_marker\n"
@@ -97,11 +98,8 @@ def test_latency_is_timed_once_per_model_and_thread_count(tmp_path, monkeypatch)
     assert timed == [200] and not first["reused"] and again["reused"]
     assert again["median_ms"] == first["median_ms"] == 2.0
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads + 1)
+    with torch_threads(threads + 1):
         assert not node.cached_latency(model, "ab" * 32, tmp_path)["reused"]
-    finally:
-        torch.set_num_threads(threads)
     next(tmp_path.glob(f"latency/*-t{threads}-*.json")).write_text("{")  # torn: timed again
     assert len(timed) == 2
     node.cached_latency(model, "ab" * 32, tmp_path)
