@@ -33,15 +33,17 @@ def shared_archive() -> Path:
     shared archive beside the clone, else torchvision's download (a cifar-10-batches-py folder)."""
     if SHARED_ARCHIVE.exists():
         return SHARED_ARCHIVE
+    # no data means no test of this suite can say anything: stop the session at once, in one
+    # line, rather than erroring every test that needs it
     if "PAPM_TEST_ARCHIVE" in os.environ:
-        pytest.fail(f"PAPM_TEST_ARCHIVE={SHARED_ARCHIVE} does not exist")
+        pytest.exit(f"PAPM_TEST_ARCHIVE={SHARED_ARCHIVE} does not exist", returncode=2)
     from torchvision.datasets import CIFAR10
     try:
         for train in (True, False):
             CIFAR10(str(DOWNLOAD_DIR), train=train, download=True)
     except Exception as e:  # network errors come in many types
-        pytest.fail(f"no test data: no archive at {SHARED_ARCHIVE} and CIFAR-10 could not be downloaded "
-                    f"({type(e).__name__}); set PAPM_TEST_ARCHIVE to a local copy")
+        pytest.exit(f"no test data: no archive at {SHARED_ARCHIVE} and CIFAR-10 could not be downloaded "
+                    f"({type(e).__name__}); set PAPM_TEST_ARCHIVE to a local copy", returncode=2)
     return DOWNLOAD_DIR / "cifar-10-batches-py"
 
 

@@ -224,3 +224,22 @@ def test_the_base_records_the_validation_size_it_used(tmp_path):
     cfg = TrainConfig(data=str(write_tree(tmp_path / "t", per_split=(20, 2))), val_size=5000)
     _, train, val, _ = prepare_data(cfg, torch.device("cpu"))
     assert cfg.val_size == len(val) == 12 and len(train) == 48
+
+
+def test_the_suite_without_test_data_stops_at_once_in_one_line(tmp_path):
+    """A PAPM_TEST_ARCHIVE that is not there stops the whole session at once, exit 2, with
+    one line naming it, instead of erroring every test that needs real data."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "PAPM_TEST_ARCHIVE": str(tmp_path / "missing.tar.xz")}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        "tests/test_data.py::test_shared_archive_full_and_cached",
+                        "tests/test_data.py::test_slice_of_shared_archive"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stdout.splitlines() if "PAPM_TEST_ARCHIVE" in ln]
+    assert r.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0]
+    assert "error" not in r.stdout.splitlines()[-1].lower()  # stopped, not 2 errors
