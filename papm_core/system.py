@@ -90,7 +90,17 @@ def fuse_checkpoints(paths: list[Path], out: str | Path, data: str | None = None
     return {"path": str(out), **metrics, "devices": devices}
 
 
-def load_system(head_path: str | Path, device_paths: list[str] | None = None):
+@dataclasses.dataclass
+class FusedSystem:
+    """A fusion head and the device models it was trained with, in its device order."""
+    head: torch.nn.Module
+    meta: dict         # the head's checkpoint metadata
+    paths: list[Path]  # the device checkpoints
+    models: list[torch.nn.Module]
+    metas: list[dict]  # each device checkpoint's metadata
+
+
+def load_system(head_path: str | Path, device_paths: list[str] | None = None) -> FusedSystem:
     """The head plus its device models; fails clearly if the devices do not match."""
     head, meta = checkpoint.load(head_path)
     if meta.get("kind") != "fusion":
@@ -104,13 +114,14 @@ def load_system(head_path: str | Path, device_paths: list[str] | None = None):
             raise PapmError(f"device model {p} does not match the one the head was trained with "
                             f"({d['path']}, sha256 {d['sha256'][:12]}); re-run 'papm fuse'")
     models, metas = load_devices(paths)
-    return head, meta, paths, models, metas
+    return FusedSystem(head, meta, paths, models, metas)
 
 
 def split_eval(head_path: str | Path, base_path: str | Path | None = None, data: str | None = None,
                device_paths: list[str] | None = None, runs: int = 200) -> dict:
     """Split-mode figures of the fused system, with the base model in the same run."""
-    head, meta, paths, models, metas = load_system(head_path, device_paths)
+    system = load_system(head_path, device_paths)
+    head, paths, models, metas = system.head, system.paths, system.models, system.metas
     ds, _, _ = system_data(metas, data)
     feats = torch.as_tensor(features(paths, models, ds.test))
     y = ds.test.y

@@ -232,7 +232,8 @@ def test_fuse_never_reads_test_and_eval(system, monkeypatch, tmp_path):
     assert loader.READS["test"] > 0
     assert r["devices"] == 2 and len(r["missing_one"]) == 2 and r["end_to_end_ms"] > max(r["device_latency_ms"])
     assert "base" in r and set(r["test_per_class"]) == set("abcd")
-    head, _, _, models, _ = load_system(tmp_path / "head.pt")  # the live path, image by image
+    system = load_system(tmp_path / "head.pt")
+    head, models = system.head, system.models  # the live path, image by image
     test = load_dataset(str(tree)).test
     live = 100.0 * (fused_logits(head, models, normalize(test.x)).argmax(1) == test.y).float().mean().item()
     assert r["test_acc"] == pytest.approx(live, abs=100.0 / len(test) + 1e-9)
