@@ -69,9 +69,9 @@ LATENCY_METHOD = "quietest-block-median"  # recorded, so figures of another meth
 
 def quietest_median_ms(call, runs: int = 200, blocks: int = 5, sync=lambda: None) -> dict:
     """Time ``call()`` ``runs`` times (at least 200), ``blocks`` times in a row, and keep the
-    block with the lowest median. A batch-1 pass takes 0.2-3 ms here, so a process starting
+    block with the lowest median. A batch-1 pass takes milliseconds, so a process starting
     or a burst of work elsewhere on a 2-core machine (a Flower ClientApp loading, say) can
-    lift a whole 200-run block's median by 1-2 ms; the quietest block is the model measured
+    lift a whole 200-run block's median; the quietest block is the model measured
     alone, which is what a latency is meant to say. Every block's median is returned too."""
     runs = max(runs, 200)
     best, medians = None, []

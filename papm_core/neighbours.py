@@ -3,8 +3,7 @@
 Wall times and latencies are only honest on an otherwise quiet machine. Within one
 simulation the nodes already take turns (``node.machine_lock``), but two ``sim.py`` runs
 side by side know nothing of each other: each one's rounds then share the cores (a prune
-round's wall time grows with the other run's load; batch-1 medians moved less, 2.2 ->
-2.26 ms on the 2-core box with a quick run training beside the timing). So every
+round's wall time grows with the other run's load; batch-1 medians move less). So every
 ``sim.py`` holds a *run marker* for its lifetime, a file in a per-user folder of the temp
 dir, locked with ``flock``; ``other_runs`` lists the markers that are still locked.
 A killed run's lock is released by the kernel (SIGKILL included), so its marker reads as

@@ -108,7 +108,7 @@ def train(cfg: TrainConfig, show_progress: bool = True, log=print) -> TrainResul
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     ds, train_s, val_s, test_s = prepare_data(cfg, device)
-    channels_last = True  # measured faster on CPU too (933 vs 662 img/s at width 0.25)
+    channels_last = True  # faster on CPU too: benchmarks/throughput.py --layouts
     model = build_model(resnet18_spec(cfg.width, len(train_s.classes))).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -117,7 +117,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> tuple[st
     """The precision training loops run in on ``device``, and why: ``("bf16" | "fp32", reason)``.
 
     ``auto`` is bf16 autocast on CUDA and on CPUs with native bf16 instructions (AMX or
-    AVX512-BF16), where a training step is about 1.5x faster (``benchmarks/throughput.py``);
+    AVX512-BF16), where a training step is faster (docs/results.md, ``benchmarks/throughput.py``);
     fp32 elsewhere, where bf16 is emulated and slower. Losses and the optimiser stay fp32.
     """
     if precision not in PRECISIONS:
