@@ -47,7 +47,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-per-class", type=int, default=300)
     ap.add_argument("--test-per-class", type=int, default=1000)
     a = ap.parse_args(argv)
-    taken = cut(a.archive, a.out, {"train": a.train_per_class, "test": a.test_per_class})
+    if not a.archive.is_file():
+        ap.exit(2, f"cut_imagefolder.py: error: no archive at {a.archive}\n")
+    try:
+        taken = cut(a.archive, a.out, {"train": a.train_per_class, "test": a.test_per_class})
+    except tarfile.TarError as e:
+        ap.exit(2, f"cut_imagefolder.py: error: cannot read {a.archive}: {e}\n")
     for split in ("train", "test"):
         counts = [n for (s, _), n in sorted(taken.items()) if s == split]
         print(f"{split}: {len(counts)} classes, {sum(counts)} images ({min(counts, default=0)}-"
