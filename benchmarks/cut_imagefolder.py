@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     try:
         taken = cut(a.archive, a.out, {"train": a.train_per_class, "test": a.test_per_class})
     except tarfile.TarError as e:
-        ap.exit(2, f"cut_imagefolder.py: error: cannot read {a.archive}: {e}\n")
+        ap.exit(2, f"cut_imagefolder.py: error: cannot read {a.archive}: {str(e).splitlines()[0]}\n")
     for split in ("train", "test"):
         counts = [n for (s, _), n in sorted(taken.items()) if s == split]
         print(f"{split}: {len(counts)} classes, {sum(counts)} images ({min(counts, default=0)}-"
