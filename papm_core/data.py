@@ -148,11 +148,19 @@ def _iter_tree(path: Path) -> Iterator[tuple[str, bytes]]:
                         f"re-download it or point --data at an intact copy") from e
 
 
-def _read_tree(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+def _progress():
+    """Decoding progress on a terminal's stderr; nothing in logs or pipes (stdout stays the
+    caller's: sim.py's first line names the precision)."""
+    from rich.console import Console
     from rich.progress import Progress
 
+    console = Console(stderr=True)
+    return Progress(transient=True, console=console, disable=not console.is_terminal)
+
+
+def _read_tree(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     items: dict[str, list[tuple[str, str, bytes]]] = {"train": [], "test": []}
-    with Progress(transient=True) as prog:
+    with _progress() as prog:
         task = prog.add_task(f"reading {path.name}", total=None)
         for name, data in _iter_tree(path):
             m = _IMG_RE.match(name)
@@ -168,7 +176,7 @@ def _read_tree(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]
         raise PapmError(f"train and test class folders differ in {path}: "
                         f"{sorted(set(classes) ^ set(test_classes))}")
     arrays, labels = {}, {}
-    with Progress(transient=True) as prog:
+    with _progress() as prog:
         for split, rows in items.items():
             rows.sort(key=lambda r: r[1])  # deterministic order, independent of tar order
             task = prog.add_task(f"decoding {split}", total=len(rows))

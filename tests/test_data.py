@@ -243,3 +243,20 @@ def test_the_suite_without_test_data_stops_at_once_in_one_line(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if "PAPM_TEST_ARCHIVE" in ln]
     assert r.returncode == 2 and len(lines) == 1 and "does not exist" in lines[0]
     assert "error" not in r.stdout.splitlines()[-1].lower()  # stopped, not 2 errors
+
+
+def test_decoding_writes_nothing_to_a_pipe(tmp_path):
+    """A first (uncached) decode shows progress only on a terminal: piped, stdout and stderr
+    stay empty, so a caller's first line (sim.py names the precision there) stays first."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    tree = write_tree(tmp_path / "tree")
+    env = {**os.environ, "PAPM_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", f"from papm_core.data import load_dataset; load_dataset({str(tree)!r})"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+    assert any((tmp_path / "cache").rglob("*.npy"))  # it did decode, into the cache
