@@ -46,11 +46,39 @@ def make_tar(src: Path, dest: Path, mode: str) -> Path:
     return dest
 
 
-def run_cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
-    """Run ``python -m papm_core.cli ARGS`` in a fresh process."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "papm_core.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+def run_cli(*args, env=None, timeout=300, fresh=False) -> subprocess.CompletedProcess:
+    """``papm ARGS``: its ``main`` in this process (the console script calls exactly that;
+    a fresh Python costs about 2 s of imports per call on 2 cores), or with ``fresh`` in a
+    new process (``python -m papm_core.cli``). Exit code, stdout and stderr either way."""
+    if fresh:
+        return subprocess.run([sys.executable, "-m", "papm_core.cli", *map(str, args)], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+    from papm_core.cli import main
+    return call_main(main, ["papm", *map(str, args)], env)
+
+
+def call_main(main, argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """``main(argv[1:])`` in this process as a command line would run it: ``env`` added to the
+    environment, stdout/stderr captured, ``sys.exit`` as the exit code; the environment and
+    torch's thread count are restored afterwards."""
+    import contextlib
+    import io
+
+    import torch
+
+    out, err, saved, threads = io.StringIO(), io.StringIO(), dict(os.environ), torch.get_num_threads()
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv[1:])
+            except SystemExit as e:  # argparse's usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 # --- Flower runs: sim.py in a fresh process, and what it leaves behind ------------------------

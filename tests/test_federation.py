@@ -1,5 +1,5 @@
 """The Flower federation: message checks, class dealing, grouping, and sim.py end to end
-on Flower's simulation runtime (smoke preset), with a failing node, a kill and rerun,
+on Flower's simulation runtime (smoke preset), with a kill, a failing node and reruns,
 a failed run, bad configs, and no Flower/Ray process left behind."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, flower_processes, fused_from_files, run_sim, write_tree
+from helpers import ROOT, call_main, flower_processes, fused_from_files, run_sim, write_tree
 
 from papm_core.neighbours import run_marker
 
@@ -209,7 +210,13 @@ def test_latency_is_timed_alone_on_a_shared_machine(tmp_path):
     assert other("ex") == "got"
 
 
-def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
+def test_bad_configs_get_one_line_errors(shared_archive, tmp_path, monkeypatch):
+    """sim.py's main, in this process (as ``python sim.py`` calls it), stops each bad config
+    before any work with one line and exit code 2."""
+    sys.path.insert(0, str(ROOT))
+    import sim
+
+    monkeypatch.setattr(sim.signal, "signal", lambda *a: None)  # this process keeps its SIGTERM handler
     for args, msg in ((["--set", "prune.bogus=1"], "unknown key"),
                       (["--devices", "0-3"], "outside [1, 10]"),
                       (["--devices", "11"], "outside [1, 10]"),
@@ -220,7 +227,8 @@ def test_bad_configs_get_one_line_errors(shared_archive, tmp_path):
                       (["--set", "sim.budgets=0.5,fast"], "sim.budgets = 'fast': expected a parameter"),
                       (["--set", "sim.budgets=0.5", "--set", "sim.fleet_budget=1.0x"], "not both"),
                       (["--set", "prune.alpha=2"], "--set prune.alpha must lie in [0, 1], got 2")):
-        r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", tmp_path / "bad", *args)
+        r = call_main(sim.main, ["sim.py", "--no-progress", "--preset", "smoke", "--data", str(shared_archive),
+                                 "--out", str(tmp_path / "bad"), *args])
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("sim.py: error:") and msg in lines[0], r.stderr
@@ -282,13 +290,17 @@ def test_the_user_sees_precision_how_to_follow_each_run_and_no_test_figure(smoke
 
 
 @pytest.mark.slow
-def test_flwr_run_writes_the_report(smoke_run, tmp_path, shared_archive):
+def test_flwr_run_with_non_iid_holdings_and_budgets_writes_the_report(smoke_run, tmp_path, shared_archive):
     """Flower's own CLI, as its docs say (`flwr run .` with --run-config and --federation-config),
-    claims the run folder, trains and writes the same REPORT.md, CSVs and plots as sim.py."""
+    claims the run folder, trains and writes the same REPORT.md, CSVs and plots as sim.py.
+    The run is non-IID with two budgets: under classes:5 each of the 2 simulated nodes holds
+    5 classes of its own, the groups go to the nodes by the images they hold and each trains
+    on what it holds; sim.budgets gives the two devices two sizes."""
     out, home = tmp_path / "run", tmp_path / "flwr-home"
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    rc = f'devices=2 preset="smoke" out="{out}" data="{shared_archive}" base="{smoke_run[0] / "base.pt"}"'
+    rc = (f'devices=2 preset="smoke" out="{out}" data="{shared_archive}" base="{smoke_run[0] / "base.pt"}" '
+          'holdings="classes:5" budgets="0.5, 0.9"')
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", ".", "--run-config", rc,
            "--federation-config", "num-supernodes=2", "--stream"]
     try:
@@ -308,9 +320,32 @@ def test_flwr_run_writes_the_report(smoke_run, tmp_path, shared_archive):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     res = json.loads((out / "n2" / "result.json").read_text())
     assert len(res["groups"]) == 2 and res["missing"] == [] and res["incomplete"] == []
-    assert "| 2 | complete |" in (out / "REPORT.md").read_text()
+    report = (out / "REPORT.md").read_text()
+    assert "| 2 | complete |" in report and "Node holdings: **classes:5**" in report
     rows = (out / "fusion.csv").read_text().splitlines()
     assert len(rows) == 2 and rows[1].startswith("2,complete,")
+    # the holdings
+    assert res["holdings"] == ["classes:5"]
+    devs = res["per_device"]
+    assert all(len(d["held"]) == 5 for d in devs)
+    assert sorted(c for d in devs for c in d["held"]) == list(range(10))  # every class, once
+    # each trains on every image it holds of its group's classes, and on nothing else (the
+    # smoke run's N = 1 node held all 10 classes, the same number of images of each)
+    per_class = json.loads((smoke_run[0] / "n1" / "result.json").read_text())["per_device"][0]["images"] / 10
+    for d in devs:
+        assert d["not_held"] == [c for c in d["classes"] if c not in d["held"]]
+        assert d["images"] == per_class * len(set(d["classes"]) & set(d["held"])) > 0
+    # each group went to the node holding more of its classes (images split evenly here)
+    overlap = [len(set(d["classes"]) & set(d["held"])) for d in devs]
+    swapped = [len(set(devs[1 - i]["classes"]) & set(d["held"])) for i, d in enumerate(devs)]
+    assert sum(overlap) >= sum(swapped)
+    # the budgets
+    assert [d["budget"] for d in devs] == ["0.5", "0.9"]
+    assert 0.5 <= devs[0]["reduction"] <= 0.505 and 0.9 <= devs[1]["reduction"] <= 0.905
+    assert devs[0]["params"] > 4 * devs[1]["params"] and devs[0]["file_mb"] > devs[1]["file_mb"]
+    assert all(d["runtime"] == "torch" for d in devs)
+    csv = (out / "devices.csv").read_text().splitlines()
+    assert "budget" in csv[0].split(",") and len(csv) == 1 + 2  # header, N = 2's two devices
 
 
 @pytest.mark.slow
@@ -325,47 +360,43 @@ def test_federated_grouping_equals_papm_group(smoke_run, tmp_path, shared_archiv
         assert np.allclose(fed["similarity"], central["similarity"], atol=1e-9)
 
 
-@pytest.mark.slow
-def test_non_iid_holdings_and_device_budgets_run_and_report(smoke_run, tmp_path, shared_archive):
-    """classes:5 at N = 2: each simulated node holds 5 classes of its own, the groups go to
-    the nodes by the images they hold, each trains on what it holds; N = 1 holds all. The
-    same run gives its two devices two budgets (sim.budgets), and they build two sizes."""
-    out, _ = smoke_run
-    run = tmp_path / "holdings"
-    r = run_sim("--preset", "smoke", "--data", shared_archive, "--base", out / "base.pt", "--out", run,
-                "--devices", "2", "--set", "sim.holdings=classes:5", "--set", "sim.budgets=0.5, 0.9")
-    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
-    one = json.loads((run / "n1" / "result.json").read_text())
-    assert one["holdings"] == ["classes:5"] and one["per_device"][0]["held"] == list(range(10))
-    res = json.loads((run / "n2" / "result.json").read_text())
-    assert res["incomplete"] == [] and res["holdings"] == ["classes:5"]
-    rows = res["per_device"]
-    assert all(len(d["held"]) == 5 for d in rows)
-    assert sorted(c for d in rows for c in d["held"]) == list(range(10))  # every class, once
-    for d in rows:
-        assert d["not_held"] == [c for c in d["classes"] if c not in d["held"]]
-        assert 0 < d["images"] < one["per_device"][0]["images"]
-    # each group went to the node holding more of its classes (images split evenly here)
-    overlap = [len(set(d["classes"]) & set(d["held"])) for d in rows]
-    swapped = [len(set(rows[1 - i]["classes"]) & set(d["held"])) for i, d in enumerate(rows)]
-    assert sum(overlap) >= sum(swapped)
-    assert "Node holdings: **classes:5**" in (run / "REPORT.md").read_text()
-    assert [d["budget"] for d in rows] == ["0.5", "0.9"] and one["per_device"][0]["budget"] == "0.5"
-    assert 0.5 <= rows[0]["reduction"] <= 0.505 and 0.9 <= rows[1]["reduction"] <= 0.905
-    assert rows[0]["params"] > 4 * rows[1]["params"] and rows[0]["file_mb"] > rows[1]["file_mb"]
-    assert all(d["runtime"] == "torch" for d in rows)
-    csv = (run / "devices.csv").read_text().splitlines()
-    assert "budget" in csv[0].split(",") and len(csv) == 1 + 1 + 2  # header, N = 1, N = 2
+def _carry_over_n1(smoke: Path, run: Path) -> None:
+    """A run folder that already holds the smoke run's finished N = 1 (same base, preset and
+    data), as one left by an interrupted run: sim.py carries on with what is missing."""
+    run.mkdir(parents=True)
+    shutil.copy2(smoke / "config.json", run / "config.json")
+    shutil.copytree(smoke / "n1", run / "n1")
+    timings = json.loads((smoke / "timings.json").read_text())
+    (run / "timings.json").write_text(json.dumps({"1": timings["1"]}))
 
 
 @pytest.mark.slow
-def test_failing_node_is_masked_and_named(smoke_run, tmp_path, shared_archive):
+def test_a_kill_then_a_failing_node_then_a_clean_rerun(smoke_run, tmp_path, shared_archive):
+    """One run folder through three invocations of sim.py at N = 2 (N = 1 carried over from
+    the smoke run): killed inside the prune round after node-0 saved its model; rerun with
+    node-1 failing in the stats round, masked and named; rerun clean, which reuses node-0's
+    model untouched and gives exactly the smoke run's groups and figures."""
     out, _ = smoke_run
-    run = tmp_path / "fail"
+    run = tmp_path / "faults"
+    _carry_over_n1(out, run)
+    args = ["--preset", "smoke", "--data", str(shared_archive), "--out", str(run), "--devices", "2",
+            "--base", str(out / "base.pt")]
+    # 1. node-1 sleeps 60 s in the prune round, so the kill lands after node-0 saved its model
+    env = {**os.environ, "PAPM_TEST_FAIL_PARTITION": "1", "PAPM_TEST_DELAY_S": "60"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sim.py"), "--no-progress", *args], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store = run / "store" / "pruned"
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300 and not any(store.glob("*.pt")):
+        time.sleep(0.2)
+    kept = {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt")}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(kept) == 1, "the kill should land inside the prune round"
+    assert not (run / "n2" / "result.json").exists()
+    # 2. node-1 fails in the stats round (the rerun first stops what the killed run left)
     with run_marker("runs/neighbour"):  # another run on this machine: its load is in the timings
-        r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
-                    "--base", out / "base.pt", env={"PAPM_TEST_FAIL_PARTITION": "1",
-                                                    "PAPM_TEST_FAIL_ROUND": "stats"})
+        r = run_sim(*args, env={"PAPM_TEST_FAIL_PARTITION": "1", "PAPM_TEST_FAIL_ROUND": "stats"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "other papm runs are active on this machine (runs/neighbour)" in r.stderr
     assert json.loads((run / "timings.json").read_text())["2"]["other_runs"] == ["runs/neighbour"]
@@ -374,23 +405,26 @@ def test_failing_node_is_masked_and_named(smoke_run, tmp_path, shared_archive):
     # node-1 never identified itself: it is named by its Flower node id
     assert [(m["round"], m["device"]) for m in res["missing"]] == [("stats", 1)]
     assert "injected failure" in res["missing"][0]["reason"]
-    assert res["per_device"][1]["masked"] and not res["per_device"][0]["masked"]
+    assert res["per_device"][1]["masked"] and not res["per_device"][0]["masked"] and res["incomplete"]
     # the figure is the head saved over the one device that answered, on the test subset
-    assert json.loads((run / "n2" / "result.json").read_text())["incomplete"]
     assert res["fusion"]["test_acc"] == pytest.approx(
         fused_from_files(run / "n2", [run / "store"], shared_archive, 100), abs=0.11)
     report = (run / "REPORT.md").read_text()
     assert f"stats:{res['missing'][0]['node']}" in report and "**N = 2**" in report
     assert "| 2 | incomplete |" in report and "| 1 | complete |" in report
     assert flower_processes(run) == []
-    # a clean rerun redoes the incomplete N and gives exactly the clean run's groups and figures
-    r = run_sim("--preset", "smoke", "--data", shared_archive, "--out", run, "--devices", "2",
-                "--base", out / "base.pt")
+    # 3. a clean rerun redoes the incomplete N, reusing node-0's model from before the kill as
+    # it was, and gives exactly the uninterrupted smoke run's groups and figures
+    r = run_sim(*args)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt") if p.name in kept} == kept
     res, ref = (json.loads((d / "n2" / "result.json").read_text()) for d in (run, out))
+    assert [d["reused"] for d in res["per_device"] if f"{d['key']}.pt" in kept] == [True]
     assert res["groups"] == ref["groups"] and res["missing"] == [] and res["incomplete"] == []
     assert res["fusion"]["test_acc"] == ref["fusion"]["test_acc"]
+    assert [d["test_acc"] for d in res["per_device"]] == [d["test_acc"] for d in ref["per_device"]]
     assert "Incomplete device counts" not in (run / "REPORT.md").read_text()
+    assert flower_processes(run) == []
 
 
 @pytest.mark.slow
@@ -403,42 +437,6 @@ def test_failed_run_exits_cleanly(smoke_run, tmp_path, shared_archive):
     assert r.returncode == 2
     assert "no node answered the stats round" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert flower_processes(run) == []
-
-
-@pytest.mark.slow
-def test_kill_during_prune_then_rerun(smoke_run, tmp_path, shared_archive):
-    out, _ = smoke_run
-    run = tmp_path / "killed"
-    args = ["--preset", "smoke", "--data", str(shared_archive), "--out", str(run), "--devices", "2",
-            "--base", str(out / "base.pt")]
-    # node-1 sleeps 60 s in the prune round, so the kill lands after node-0 finished
-    env = {**os.environ, "PAPM_TEST_FAIL_PARTITION": "1", "PAPM_TEST_DELAY_S": "60"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "sim.py"), "--no-progress", *args], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store = run / "store" / "pruned"
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 300 and not (run / "n1" / "result.json").is_file():
-        time.sleep(0.2)  # N = 1 runs first: its model is not the one this test is about
-    single = {p.name for p in store.glob("*.pt")}
-    while time.monotonic() - t0 < 400 and not set(p.name for p in store.glob("*.pt")) - single:
-        time.sleep(0.2)
-    done_before = {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt") if p.name not in single}
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(done_before) == 1, "the kill should land inside the prune round"
-    assert not (run / "n2" / "result.json").exists()
-    r = run_sim(*args)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert {p.name: p.stat().st_mtime_ns for p in store.glob("*.pt") if p.name in done_before} == done_before
-    res = json.loads((run / "n2" / "result.json").read_text())
-    reused = {d["key"]: d["reused"] for d in res["per_device"]}
-    assert [reused[Path(n).stem] for n in done_before] == [True]
-    assert res["missing"] == [] and flower_processes(run) == []
-    # the uninterrupted smoke run (same base, seed and settings) gave the same figures
-    ref = json.loads((out / "n2" / "result.json").read_text())
-    assert res["groups"] == ref["groups"]
-    assert res["fusion"]["test_acc"] == ref["fusion"]["test_acc"]
-    assert [d["test_acc"] for d in res["per_device"]] == [d["test_acc"] for d in ref["per_device"]]
 
 
 def test_run_folder_with_other_data_is_refused(tmp_path):
