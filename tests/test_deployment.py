@@ -215,11 +215,12 @@ def _continue_when(out: Path, devices: int, rounds: tuple[str, ...], stop: threa
 
 @pytest.mark.slow
 def test_deployment_matches_simulation_and_survives_a_lost_and_a_paused_box(smoke_run, tmp_path, shared_archive):
-    """One deployment folder, three phases (each phase a real SuperLink with TLS and
-    SuperNode auth, and one SuperNode process per box): N = 1 clean, matching the
-    simulation; N = 3 with box-1 shut down in the prune round and box-2 paused in the embed
-    round, both masked and named; then a rerun that redoes only the missing work and again
-    matches the simulation."""
+    """One `sim.py --deployment` run (per device count a real SuperLink with TLS and SuperNode
+    auth, and one SuperNode process per box): N = 1 clean, matching the simulation; N = 3
+    with box-1 shut down in the prune round and box-2 paused in the embed round, both masked
+    and named, box-0 matching the simulation. A rerun after such faults redoes only the
+    missing work: checked on the simulation runtime (test_federation.py), whose nodes keep
+    their models in the same store code as the boxes (a deployment rerun costs a minute here)."""
     sim_out, _ = smoke_run
     out = tmp_path / "dep"
     stop = threading.Event()
@@ -247,8 +248,13 @@ def test_deployment_matches_simulation_and_survives_a_lost_and_a_paused_box(smok
         fused_from_files(out / "n1", [out / "store" / "box-0"], shared_archive, 100), abs=0.11)
     assert one["per_device"][0]["latency_ms"] > 0 and "TLS" in one["engine"]
     assert "https://" in (out / "logs" / "superlink.log").read_text()  # TLS on
-    # N = 3 with faults
+    # N = 3 with faults: the stats round had every box, so the groups are the simulation's, and
+    # box-0, which saw no fault, built the simulation's device 0
     res = json.loads((out / "n3" / "result.json").read_text())
+    ref = json.loads((sim_out / "n3" / "result.json").read_text())
+    assert res["groups"] == ref["groups"] and [d["node"] for d in res["per_device"]] == ["box-0", "box-1", "box-2"]
+    assert abs(res["per_device"][0]["test_acc"] - ref["per_device"][0]["test_acc"]) <= 2.0
+    assert set(res["node_compute_s"]["stats"]) == {"box-0", "box-1", "box-2"}
     assert [(m["round"], m["node"]) for m in res["missing"]] == [("prune", "box-1"), ("embed", "box-2")]
     assert "Node Unavailable" in res["missing"][0]["reason"] and "timeout" in res["missing"][1]["reason"]
     assert [d["masked"] for d in res["per_device"]] == [False, True, True]
@@ -261,23 +267,4 @@ def test_deployment_matches_simulation_and_survives_a_lost_and_a_paused_box(smok
     report = (out / "REPORT.md").read_text()
     assert "prune:box-1" in report and "embed:box-2" in report
     assert "## Rounds over the network" in report and "deployment" in report
-    assert flower_processes(out) == []
-    # the boxes are back: a rerun redoes only the missing work and matches the simulation.
-    # Default timeouts: this checks the recovery
-    r = _deploy(out, sim_out / "base.pt", shared_archive, 3)
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads((out / "n3" / "result.json").read_text())
-    ref = json.loads((sim_out / "n3" / "result.json").read_text())
-    assert res["missing"] == [] and res["groups"] == ref["groups"]
-    assert [d["reused"] for d in res["per_device"]] == [True, False, True]
-    assert [d["node"] for d in res["per_device"]] == ["box-0", "box-1", "box-2"]
-    assert set(res["node_compute_s"]["evaluate"]) == {"box-0", "box-1", "box-2"}
-    # the device models match the simulation's; the head is retrained on embeddings computed at
-    # another thread count, and on the smoke preset's near-chance embeddings its keep-or-drop
-    # gate can flip (14 against 22 % once, on AMD), so the head is checked against its files
-    assert all(abs(d["test_acc"] - e["test_acc"]) <= 2.0 for d, e in zip(res["per_device"], ref["per_device"]))
-    stores = [out / "store" / f"box-{i}" for i in range(3)]
-    assert res["fusion"]["test_acc"] == pytest.approx(fused_from_files(out / "n3", stores, shared_archive, 100),
-                                                      abs=0.11)
-    assert (out / "n3" / "result.incomplete.json").is_file()
     assert flower_processes(out) == []

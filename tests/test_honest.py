@@ -315,6 +315,48 @@ def test_a_late_reply_from_an_earlier_round_is_never_read(strategy):
     assert all("timeout" in m["reason"] for m in strategy.rounds[-1].missing)
 
 
+class ErrorReply(FakeGrid):
+    """A grid on which the nodes in ``failing`` answer with Flower's error reply (a ClientApp
+    that raised), the others with ``reply``."""
+
+    def __init__(self, reply, failing, nodes=(11, 12)):
+        super().__init__(reply, nodes)
+        self.failing = set(failing)
+
+    def pull_messages(self, ids):
+        out = super().pull_messages(ids)
+        for r in out:
+            if self.sent[int(r.metadata.reply_to_message_id[1:])].metadata.dst_node_id in self.failing:
+                r.has_error = lambda: True
+                r.error = SimpleNamespace(reason="<class 'RuntimeError'>:<'injected failure'>")
+        return out
+
+
+def test_a_node_that_fails_the_stats_round_is_named_by_its_node_id_and_last(strategy):
+    """Node 11 raises in the stats round; node 12 answers: node 11 never said who it is, so it
+    is named by its Flower node id, ordered after the nodes that answered, and masked; the
+    groups come from node 12's statistics alone, marked incomplete if classes lack them."""
+    from clients import wire
+
+    k = K
+    stats = {"count": np.full(k, 2.0), "prob_sum": np.full((k, k), 0.2), "outer_sum": np.full((k, k, k), 0.02),
+             "logit_sum": np.eye(k)}
+    ident = {"name": "node-1", "partition": 1, "held": list(range(k)), "simulated": True}
+    grid = ErrorReply(lambda m: wire.pack(ident, stats), failing=[11])
+    groups = strategy.stats_round(grid, None)
+    assert sorted(c for g in groups for c in g) == list(range(k))
+    assert strategy.nodes == [12, 11] and strategy.masked == {1}
+    assert [(m["device"], m["node"]) for m in strategy.rounds[-1].missing] == [(1, "11")]
+    assert "injected failure" in strategy.rounds[-1].missing[0]["reason"]
+    assert strategy.node_names == {0: "node-1"}
+    # every node fails: the run stops with one line naming each node and its reason
+    from papm_core.util import PapmError
+
+    strategy.nodes, strategy.masked, strategy.node_names = [11, 12], set(), {}
+    with pytest.raises(PapmError, match=r"no node answered the stats round \(11: error: .*injected failure.*; 12: "):
+        strategy.stats_round(ErrorReply(lambda m: wire.pack(ident, stats), failing=[11, 12]), None)
+
+
 def test_keys_cover_what_changes_a_result(tmp_path):
     """A device model's key covers the node's data; teacher tables are keyed by the precision
     that ran, not the setting's name; a run's settings include every [sim] key but the
