@@ -133,9 +133,6 @@ class Launcher:
         self.env = {**os.environ, "PAPM_RUN_TOKEN": self.token, "FLWR_HOME": str(self.home),
                     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                     "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_DEDUP_LOGS": "0",
-                    # Flower's SuperExec looks for new work every 1 s by default; here that
-                    # wait is paid by every run (and by every message to a local SuperNode)
-                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
                     # Flower starts its helpers (flower-superexec, flwr-simulation) from PATH
                     "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}

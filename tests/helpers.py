@@ -46,13 +46,10 @@ def make_tar(src: Path, dest: Path, mode: str) -> Path:
     return dest
 
 
-def run_cli(*args, env=None, timeout=300, fresh=False) -> subprocess.CompletedProcess:
-    """``papm ARGS``: its ``main`` in this process (the console script calls exactly that;
-    a fresh Python costs about 2 s of imports per call on 2 cores), or with ``fresh`` in a
-    new process (``python -m papm_core.cli``). Exit code, stdout and stderr either way."""
-    if fresh:
-        return subprocess.run([sys.executable, "-m", "papm_core.cli", *map(str, args)], capture_output=True,
-                              text=True, timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+def run_cli(*args, env=None) -> subprocess.CompletedProcess:
+    """``papm ARGS`` through its ``main`` in this process: what the console script calls, with
+    its exit code, stdout and stderr (a fresh Python would cost about 2 s of imports per call
+    on 2 cores; tests about a fresh process start one themselves)."""
     from papm_core.cli import main
     return call_main(main, ["papm", *map(str, args)], env)
 
