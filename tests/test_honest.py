@@ -335,7 +335,7 @@ class ErrorReply(FakeGrid):
 def test_a_node_that_fails_the_stats_round_is_named_by_its_node_id_and_last(strategy):
     """Node 11 raises in the stats round; node 12 answers: node 11 never said who it is, so it
     is named by its Flower node id, ordered after the nodes that answered, and masked; the
-    groups come from node 12's statistics alone, marked incomplete if classes lack them."""
+    groups come from node 12's statistics alone (here they cover every class)."""
     from clients import wire
 
     k = K
